@@ -1,0 +1,190 @@
+//! Command-line interface: argument groups shared by the subcommands, and dispatch.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Kubernetes node drain assistant and spot interruption handler.
+#[derive(Debug, Parser)]
+#[command(name = "nodedrain", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the interruption controller: read AWS events from SQS and drain the affected nodes.
+    Controller,
+    /// Drain nodes now: cordon, then move pods off in policy order, respecting PDBs.
+    Drain(DrainArgs),
+    /// Show what a drain of these nodes would do and what would block it; changes nothing.
+    Plan(PlanArgs),
+    /// Make nodes schedulable again and remove nodedrain's taint, label and drain record.
+    Uncordon(UncordonArgs),
+    /// Report workloads that will break the next drain (single replicas, blocking PDBs, ...).
+    Audit,
+}
+
+/// How to reach the cluster; the same precedence as kubectl.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG", hide_env_values = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// Nodes to drain.
+    #[arg(value_name = "NODE")]
+    pub nodes: Vec<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Drain the nodes matching this label selector (in addition to those named).
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Only drain pods matching this label selector.
+    #[arg(long)]
+    pub pod_selector: Option<String>,
+    /// Give up after this long (0 = wait forever), e.g. 90s, 5m. Without --deadline PDBs are
+    /// never overridden: the drain ends with a report of what blocked it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The node goes away at this time (RFC 3339) or after this long (e.g. 2m): pods still
+    /// blocked by a PDB when their last safe moment arrives are deleted with the remaining grace.
+    #[arg(long)]
+    pub deadline: Option<String>,
+    /// Grace period in seconds for every pod (-1 = the pod's own).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub grace_period: i64,
+    /// Ignore DaemonSet-managed pods.
+    #[arg(long)]
+    pub ignore_daemonsets: bool,
+    /// Continue even if there are pods using emptyDir (their local data is deleted).
+    #[arg(long)]
+    pub delete_emptydir_data: bool,
+    /// Continue even if there are pods that no controller manages.
+    #[arg(long)]
+    pub force: bool,
+    /// Delete pods instead of using the Eviction API (bypasses PodDisruptionBudgets).
+    #[arg(long)]
+    pub disable_eviction: bool,
+    /// Only print what would be done.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Cluster drain policy file (namespace and label selectors to strategy and order).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Client-side limit on API requests per second (burst is twice this).
+    #[arg(long, default_value_t = 50.0)]
+    pub qps: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Nodes to plan a drain for.
+    #[arg(value_name = "NODE", required = true)]
+    pub nodes: Vec<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Cluster drain policy file.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Plan as if the node goes away at this time (RFC 3339) or after this long (e.g. 2m).
+    #[arg(long)]
+    pub deadline: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UncordonArgs {
+    /// Nodes to uncordon.
+    #[arg(value_name = "NODE", required = true)]
+    pub nodes: Vec<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Parses `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {text:?}: expected a number, e.g. 90s, 5m, 1h30m"
+            ));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => {
+                return Err(format!(
+                    "invalid duration {text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                ));
+            }
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubectl() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("m5").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,2 @@
+//! One module per subcommand: each parses nothing (clap did), connects, calls the engine and
+//! renders its result. They return an exit code; errors become readable messages here.

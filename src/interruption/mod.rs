@@ -1,0 +1,2 @@
+//! AWS interruption events: parsing (pure) and SQS intake.
+pub mod events;

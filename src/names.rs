@@ -1,0 +1,64 @@
+//! Every annotation, label, taint and event reason nodedrain reads or writes, in one place.
+//!
+//! Each constant says who reads it, so a rename cannot silently break a contract with users,
+//! Karpenter, the cluster autoscaler or cloud load balancers.
+
+/// Pod annotation (usually set on the pod template): how the pod leaves a draining node.
+/// Read by the drain planner. Values: `evict` (default), `surge`, `wait`, `delete`, `skip`.
+pub const ANNOTATION_STRATEGY: &str = "nodedrain.io/strategy";
+
+/// Pod annotation: integer drain order, lower first; ties broken by the built-in tiers.
+/// Read by the drain planner.
+pub const ANNOTATION_ORDER: &str = "nodedrain.io/order";
+
+/// Pod annotation: grace period in seconds requested at eviction or deletion; still clamped by
+/// the deadline. Read by the drain planner.
+pub const ANNOTATION_GRACE_PERIOD: &str = "nodedrain.io/grace-period";
+
+/// Karpenter's opt-out annotation. nodedrain treats it as `wait` on voluntary drains.
+pub const ANNOTATION_KARPENTER_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
+
+/// Cluster autoscaler's opt-out annotation (`"false"` means do not evict). Treated as `wait` on
+/// voluntary drains.
+pub const ANNOTATION_CA_SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
+
+/// Pod annotation set by the kubelet on static (mirror) pods; such pods cannot be evicted.
+pub const ANNOTATION_MIRROR_POD: &str = "kubernetes.io/config.mirror";
+
+/// Node annotation holding the durable drain record (JSON). Written before an SQS message is
+/// deleted; read by a new leader to resume drains and by `nodedrain uncordon` to clean up.
+pub const ANNOTATION_DRAIN_RECORD: &str = "nodedrain.io/drain";
+
+/// Node taint key added while a node is being drained; the value is the interruption kind.
+/// Read by the scheduler (effect NoSchedule) and by operators.
+pub const TAINT_INTERRUPTION: &str = "nodedrain.io/interruption";
+
+/// Well-known node label that cloud load balancer controllers read to take a node out of
+/// external load balancers before its pods stop.
+pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Karpenter node label naming the NodePool; its presence means Karpenter owns the capacity.
+pub const LABEL_KARPENTER_NODEPOOL: &str = "karpenter.sh/nodepool";
+
+/// Deployment pod-template annotation nodedrain writes to start a surge rollout; the same key
+/// `kubectl rollout restart` uses, so operators recognise it.
+pub const ANNOTATION_RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
+
+/// The field manager name for server-side apply and patches, visible in `managedFields`.
+pub const FIELD_MANAGER: &str = "nodedrain";
+
+/// Kubernetes Event reasons. Read by operators (`kubectl get events`) and alerting.
+pub mod reasons {
+    /// Node cordoned and tainted because of an interruption or a CLI drain.
+    pub const DRAIN_STARTED: &str = "DrainStarted";
+    /// All pods that had to leave have left.
+    pub const DRAIN_SUCCEEDED: &str = "DrainSucceeded";
+    /// The drain ended without emptying the node; the message says what blocked.
+    pub const DRAIN_FAILED: &str = "DrainFailed";
+    /// A pod was deleted past a PodDisruptionBudget because the node's deadline arrived.
+    pub const DEADLINE_OVERRIDE: &str = "DeadlineOverride";
+    /// A pod annotation had a value nodedrain cannot use; the default was applied.
+    pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
+    /// Eviction is refused by a PodDisruptionBudget; nodedrain keeps retrying.
+    pub const EVICTION_BLOCKED: &str = "EvictionBlocked";
+}
