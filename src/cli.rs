@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the interruption controller: read AWS events from SQS and drain the affected nodes.
-    Controller,
+    Controller(Box<crate::config::ControllerArgs>),
     /// Drain nodes now: cordon, then move pods off in policy order, respecting PDBs.
     Drain(DrainArgs),
     /// Show what a drain of these nodes would do and what would block it; changes nothing.
@@ -24,7 +24,7 @@ pub enum Command {
     /// Make nodes schedulable again and remove nodedrain's taint, label and drain record.
     Uncordon(UncordonArgs),
     /// Report workloads that will break the next drain (single replicas, blocking PDBs, ...).
-    Audit,
+    Audit(AuditArgs),
 }
 
 /// How to reach the cluster; the same precedence as kubectl.
@@ -120,6 +120,40 @@ pub struct UncordonArgs {
     pub nodes: Vec<String>,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailOn {
+    /// Exit non-zero when any finding is a warning or an error.
+    Warning,
+    /// Exit non-zero only for errors.
+    Error,
+    /// Always exit zero when the report could be made.
+    Never,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only this namespace (default: the kubeconfig context's namespace, like kubectl).
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Only workloads whose pods match this label selector.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Cluster drain policy file, as for `drain`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Exit status 1 when findings of this severity or worse exist (for CI gates).
+    #[arg(long, value_enum, default_value = "error")]
+    pub fail_on: FailOn,
 }
 
 /// Parses `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.

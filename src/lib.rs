@@ -6,21 +6,41 @@
 
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod drain;
 pub mod interruption;
 pub mod kube_client;
 pub mod names;
+pub mod telemetry;
 
 use std::process::ExitCode;
 
 /// Runs one parsed command line; the binary's only entry into the library.
 pub fn run(cli: cli::Cli) -> ExitCode {
-    let name = format!("{:?}", cli.command);
-    let name = name
-        .split(['(', ' '])
-        .next()
-        .unwrap_or_default()
-        .to_lowercase();
-    eprintln!("nodedrain: `{name}` is not implemented yet");
-    ExitCode::from(2)
+    use cli::Command;
+    // The controller logs for machines; the CLI commands print for people and log only warnings.
+    let level = match cli.command {
+        Command::Controller(_) => "info",
+        _ => "warn",
+    };
+    telemetry::init(level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nodedrain: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Controller(args) => commands::controller::run(*args).await,
+            Command::Drain(args) => commands::drain::run(args).await,
+            Command::Plan(args) => commands::plan::run(args).await,
+            Command::Uncordon(args) => commands::uncordon::run(args).await,
+            Command::Audit(args) => commands::audit::run(args).await,
+        }
+    })
 }
