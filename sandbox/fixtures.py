@@ -160,13 +160,20 @@ def node_object(instance, capacity_type, karpenter, in_asg, prefix):
 
 
 def cmd_nodes(args):
+    # Idempotent: a second `sandbox up` tops the fixture up to --count instead of adding more.
+    existing = json.loads(kubectl("get", "nodes", "-l", f"{FIXTURE_LABEL}={args.prefix}",
+                                  "-o", "json"))["items"]
+    if len(existing) >= args.count:
+        print(f"{len(existing)} fixture nodes already present")
+        return
+    args.count -= len(existing)
     ec2 = aws("ec2")
     autoscaling = aws("autoscaling")
     subnets = subnets_by_zone(ec2)
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     nodes = []
     # About a sixth of the nodes come from an Auto Scaling group with a terminate lifecycle hook.
-    asg_count = args.count // 6 if args.asg else 0
+    asg_count = args.count // 6 if args.asg and not existing else 0
     if asg_count:
         existing = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[ASG_NAME])
         if not existing["AutoScalingGroups"]:
@@ -335,9 +342,6 @@ def cmd_workloads(args):
     apply(objects[:1])
     apply(objects[1:])
     if args.wait:
-        for kind in ("deployment", "statefulset"):
-            kubectl("rollout", "status", kind, "-n", args.namespace, "--timeout=120s",
-                    "-l", "app") if False else None
         kubectl("wait", "--for=condition=Available", "deployment", "--all",
                 "-n", args.namespace, "--timeout=120s")
         kubectl("wait", "--for=condition=Ready", "pod", "-l", "app=cache",
