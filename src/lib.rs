@@ -4,13 +4,17 @@
 //! Decisions (planning, parsing, deadline math) are pure functions in their modules; I/O with the
 //! Kubernetes API and AWS lives at the edges (`drain::execute`, `node`, `interruption::sqs`).
 
+pub mod admin;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod drain;
 pub mod interruption;
 pub mod kube_client;
+pub mod leader;
+pub mod metrics;
 pub mod names;
+pub mod resolve;
 pub mod telemetry;
 
 use std::process::ExitCode;

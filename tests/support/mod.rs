@@ -5,6 +5,9 @@
 //! only the test's own pods tolerate: fixture workloads and DaemonSets stay off them.
 #![allow(dead_code)]
 
+
+pub mod aws;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
