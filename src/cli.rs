@@ -154,6 +154,13 @@ pub struct AuditArgs {
     /// Exit status 1 when findings of this severity or worse exist (for CI gates).
     #[arg(long, value_enum, default_value = "error")]
     pub fail_on: FailOn,
+    /// Judge grace periods against this deadline (e.g. an ASG lifecycle hook's 5m heartbeat)
+    /// instead of the 2-minute spot warning.
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Client-side limit on API requests per second (burst is twice this).
+    #[arg(long, default_value_t = 50.0)]
+    pub qps: f64,
 }
 
 /// Parses `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.

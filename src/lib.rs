@@ -5,6 +5,7 @@
 //! Kubernetes API and AWS lives at the edges (`drain::execute`, `node`, `interruption::sqs`).
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;

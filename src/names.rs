@@ -15,6 +15,16 @@ pub const ANNOTATION_ORDER: &str = "nodedrain.io/order";
 /// the deadline. Read by the drain planner.
 pub const ANNOTATION_GRACE_PERIOD: &str = "nodedrain.io/grace-period";
 
+/// Pod annotation: `"true"` means the workload's owner accepts that data in the pod's emptyDir
+/// volumes is lost when the pod leaves a draining node (a per-pod `--delete-emptydir-data`).
+/// Read by `nodedrain audit` (no `emptydir-without-data-loss-opt-in` finding); any value other
+/// than `"true"` or `"false"` is reported as invalid.
+pub const ANNOTATION_ALLOW_LOCAL_DATA_LOSS: &str = "nodedrain.io/allow-local-data-loss";
+
+/// Prefix of every pod annotation nodedrain reads; `nodedrain audit` reports unknown keys with
+/// it (usually typos, which would otherwise be ignored silently).
+pub const ANNOTATION_PREFIX: &str = "nodedrain.io/";
+
 /// Karpenter's opt-out annotation. nodedrain treats it as `wait` on voluntary drains.
 pub const ANNOTATION_KARPENTER_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
 
@@ -39,6 +49,18 @@ pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-externa
 
 /// Karpenter node label naming the NodePool; its presence means Karpenter owns the capacity.
 pub const LABEL_KARPENTER_NODEPOOL: &str = "karpenter.sh/nodepool";
+
+/// Karpenter node label with the capacity type (`spot`, `on-demand`, `reserved`). Read by
+/// `nodedrain audit` to find spot-capable nodes.
+pub const LABEL_KARPENTER_CAPACITY_TYPE: &str = "karpenter.sh/capacity-type";
+
+/// EKS managed node group label with the capacity type (`SPOT`, `ON_DEMAND`). Read by
+/// `nodedrain audit` to find spot-capable nodes.
+pub const LABEL_EKS_CAPACITY_TYPE: &str = "eks.amazonaws.com/capacityType";
+
+/// Community convention (kops, eksctl, self-managed groups) for the node's lifecycle (`spot`,
+/// `normal`). Read by `nodedrain audit` to find spot-capable nodes.
+pub const LABEL_NODE_LIFECYCLE: &str = "node.kubernetes.io/lifecycle";
 
 /// Deployment pod-template annotation nodedrain writes to start a surge rollout; the same key
 /// `kubectl rollout restart` uses, so operators recognise it.

@@ -865,6 +865,24 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     }
 }
 
+/// Whether the pod's owner accepts losing its emptyDir data when it leaves a draining node
+/// (`nodedrain.io/allow-local-data-loss: "true"`, a per-pod `--delete-emptydir-data`). Absent or
+/// `"false"` is `Ok(false)`; any other value is an [`AnnotationWarning`] and counts as `false`,
+/// the safe reading.
+pub fn allows_local_data_loss(pod: &Pod) -> Result<bool, AnnotationWarning> {
+    match annotation(pod, names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS).map(str::trim) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(AnnotationWarning {
+            annotation: names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS,
+            value: annotation(pod, names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS)
+                .unwrap_or_default()
+                .to_string(),
+            problem: "expected \"true\" or \"false\"; treated as \"false\"".to_string(),
+        }),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1519,5 +1537,26 @@ rules:
     fn missing_metadata_is_harmless() {
         let p = pod_policy(&Pod::default(), &ClusterPolicy::default(), false);
         assert_eq!(p.strategy, Strategy::Evict);
+    }
+
+    #[test]
+    fn local_data_loss_opt_in() {
+        let with = |value: &str| {
+            allows_local_data_loss(
+                &PodBuilder::new("ns", "p")
+                    .annotation(names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS, value)
+                    .build(),
+            )
+        };
+        assert_eq!(
+            allows_local_data_loss(&PodBuilder::new("ns", "p").build()),
+            Ok(false)
+        );
+        assert_eq!(with("true"), Ok(true));
+        assert_eq!(with(" true "), Ok(true));
+        assert_eq!(with("false"), Ok(false));
+        let warning = with("yes").unwrap_err();
+        assert_eq!(warning.annotation, names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS);
+        assert_eq!(warning.value, "yes");
     }
 }

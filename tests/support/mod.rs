@@ -5,6 +5,7 @@
 //! only the test's own pods tolerate: fixture workloads and DaemonSets stay off them.
 #![allow(dead_code)]
 
+pub mod json_schema;
 
 pub mod aws;
 
