@@ -717,7 +717,18 @@ fn dispose(
         refusals.push(RefusalReason::BarePod);
     }
     if policy::uses_empty_dir(pod) && !options.delete_emptydir_data {
-        refusals.push(RefusalReason::EmptyDir);
+        // The workload's owner may accept losing the scratch data for this pod alone; an invalid
+        // value counts as "no" and is reported like any other bad annotation.
+        let accepted = match policy::allows_local_data_loss(pod) {
+            Ok(accepted) => accepted,
+            Err(warning) => {
+                warnings.push(WarningKind::Annotation(warning));
+                false
+            }
+        };
+        if !accepted {
+            refusals.push(RefusalReason::EmptyDir);
+        }
     }
     if !refusals.is_empty() {
         return Disposition::Refused(refusals);
@@ -968,6 +979,32 @@ mod tests {
         assert_eq!(names_of(&plan), ["web"]);
         assert_eq!(plan.ignored[0].reason, IgnoreReason::NotSelected);
         assert!(plan.refused.is_empty(), "unselected pods need no flag");
+    }
+
+    #[test]
+    fn an_emptydir_pod_whose_owner_accepts_data_loss_is_drained_without_the_flag() {
+        let pods = vec![
+            PodBuilder::new("ns", "ok")
+                .empty_dir()
+                .annotation(names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS, "true")
+                .build(),
+            PodBuilder::new("ns", "no")
+                .empty_dir()
+                .annotation(names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS, "false")
+                .build(),
+            PodBuilder::new("ns", "typo")
+                .empty_dir()
+                .annotation(names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS, "yes")
+                .build(),
+        ];
+        let plan = Fixture::new(pods).plan();
+        let steps: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(steps, ["ok"]);
+        let mut refused: Vec<&str> = plan.refused.iter().map(|r| r.name.as_str()).collect();
+        refused.sort();
+        assert_eq!(refused, ["no", "typo"]);
+        assert!(plan.warnings.iter().any(|w| w.name == "typo"
+            && matches!(&w.kind, WarningKind::Annotation(a) if a.annotation == names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS)));
     }
 
     #[test]
