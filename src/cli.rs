@@ -90,7 +90,7 @@ pub struct DrainArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
-    /// Client-side limit on API requests per second (burst is twice this).
+    /// Client-side limit on API requests per second (watches count once, when opened).
     #[arg(long, default_value_t = 50.0)]
     pub qps: f64,
 }
@@ -108,6 +108,24 @@ pub struct PlanArgs {
     /// Plan as if the node goes away at this time (RFC 3339) or after this long (e.g. 2m).
     #[arg(long)]
     pub deadline: Option<String>,
+    /// Only plan for pods matching this label selector.
+    #[arg(long)]
+    pub pod_selector: Option<String>,
+    /// Grace period in seconds for every pod (-1 = the pod's own).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub grace_period: i64,
+    /// Plan as `drain --ignore-daemonsets` would.
+    #[arg(long)]
+    pub ignore_daemonsets: bool,
+    /// Plan as `drain --delete-emptydir-data` would.
+    #[arg(long)]
+    pub delete_emptydir_data: bool,
+    /// Plan as `drain --force` would.
+    #[arg(long)]
+    pub force: bool,
+    /// Plan as `drain --disable-eviction` would.
+    #[arg(long)]
+    pub disable_eviction: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,

@@ -15,6 +15,8 @@ pub mod kube_client;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod node;
+pub mod render;
 pub mod resolve;
 pub mod telemetry;
 
@@ -24,11 +26,18 @@ use std::process::ExitCode;
 pub fn run(cli: cli::Cli) -> ExitCode {
     use cli::Command;
     // The controller logs for machines; the CLI commands print for people and log only warnings.
-    let level = match cli.command {
-        Command::Controller(_) => "info",
-        _ => "warn",
+    let (level, json) = match &cli.command {
+        Command::Controller(args) => (
+            "info",
+            match args.log.log_format {
+                config::LogFormat::Json => Some(true),
+                config::LogFormat::Text => Some(false),
+                config::LogFormat::Auto => None,
+            },
+        ),
+        _ => ("warn", None),
     };
-    telemetry::init(level);
+    telemetry::init(level, json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,4 +1,8 @@
 //! The drain engine: pure planning (`policy`, `plan`) and, at the edge, execution against the API.
 
+pub mod evict;
+pub mod execute;
 pub mod plan;
 pub mod policy;
+pub mod report;
+pub mod surge;

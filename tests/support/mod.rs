@@ -9,6 +9,10 @@ pub mod json_schema;
 
 pub mod aws;
 
+
+pub mod drain;
+
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
