@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod controller;
 pub mod drain;
 pub mod interruption;
 pub mod kube_client;

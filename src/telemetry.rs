@@ -4,16 +4,17 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Starts logging to stderr. `NODEDRAIN_LOG_FORMAT=json|text` overrides the choice made from
-/// whether stderr is a terminal; `RUST_LOG` overrides the level (default `info`).
-pub fn init(default_level: &str) {
+/// Starts logging to stderr. `json`: `Some` when the command line chose (the controller's
+/// `--log-format`), else `NODEDRAIN_LOG_FORMAT=json|text`, else JSON unless stderr is a terminal.
+/// `RUST_LOG` overrides the level.
+pub fn init(default_level: &str, json: Option<bool>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let json = match std::env::var("NODEDRAIN_LOG_FORMAT").as_deref() {
+    let json = json.unwrap_or_else(|| match std::env::var("NODEDRAIN_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
-    };
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

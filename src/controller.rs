@@ -1,0 +1,732 @@
+//! `nodedrain controller`: the wiring from AWS events to drains.
+//!
+//! Read top to bottom, a message goes: SQS intake → resolve instance ids to nodes → prepare every
+//! node of the batch (cordon, taint, load-balancer label, drain record) → delete the message →
+//! drain each node with the engine → hand the node over (Auto Scaling hook, Karpenter NodeClaim).
+//! Every replica watches nodes; only the lease holder reads the queue and drains. A new leader
+//! resumes every unfinished drain from the records on the nodes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::admin::{AdminError, AdminServer, Readiness};
+use crate::config::{ControllerConfig, NodeNotFound, RebalanceMode};
+use crate::drain::execute::{DrainConfig, DrainRequest, Drainer};
+use crate::drain::plan::{DaemonSetHandling, PlanOptions};
+use crate::drain::policy::{ClusterPolicy, PolicyError};
+use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
+use crate::interruption::events::{Interruption, InterruptionKind};
+use crate::interruption::sqs::{self, Delivery, Intake};
+use crate::kube_client::{self, ClientError};
+use crate::leader::LeaderElector;
+use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
+use crate::names;
+use crate::node::{self, DrainRecord, Phase};
+use crate::resolve::{self, NodeWatch, Resolution, Resolver};
+
+/// How long a message waits before it is offered again when its node cannot be found yet (a
+/// node that is still registering) or the apiserver failed: long enough not to spin, short
+/// enough to act well within a two-minute warning.
+const RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// Auto Scaling keeps an instance in Terminating:Wait for the hook's heartbeat timeout (one hour
+/// by default, often set to minutes). A heartbeat every minute keeps any timeout of two minutes
+/// or more from expiring while the drain runs.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often nodes that survived a rebalance recommendation are looked at.
+const REBALANCE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Concurrent node preparations in one batch: enough to cordon a burst of 200 nodes in a few
+/// round trips, few enough that the client's rate limit, not a pile of sockets, sets the pace.
+const PREPARE_CONCURRENCY: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("admin server: {0}")]
+    Admin(#[from] AdminError),
+    #[error("cannot read the cluster policy {path}: {source}")]
+    ReadPolicy {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster policy {path}: {source}")]
+    Policy {
+        path: String,
+        #[source]
+        source: PolicyError,
+    },
+}
+
+/// Everything a leader term's tasks share.
+struct Shared {
+    nodes: Api<Node>,
+    client: Client,
+    drainer: Drainer,
+    resolver: Resolver,
+    watch: NodeWatch,
+    autoscaling: aws_sdk_autoscaling::Client,
+    metrics: Metrics,
+    config: ControllerConfig,
+    policy: ClusterPolicy,
+    /// Drain tasks running in this process, by node: a redelivered message or a resume does not
+    /// start a second one, and a more urgent interruption restarts the running one.
+    draining: Mutex<HashMap<String, RunningDrain>>,
+    tasks: TaskTracker,
+}
+
+/// Runs the controller until `shutdown` fires: then it stops reading the queue, lets drains stop
+/// (nodes stay cordoned with their records, for the next leader), and releases the lease.
+pub async fn run(config: ControllerConfig, shutdown: CancellationToken) -> Result<(), ControllerError> {
+    let policy = load_policy(&config)?;
+    let kube_config = kube_client::load_config(&config.client).await?;
+    let default_namespace = kube_config.default_namespace.clone();
+    let client = kube_client::client_with_rate_limit(kube_config, config.qps)?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::new(&[resolve::READINESS_COMPONENT, sqs::READINESS_COMPONENT]);
+    let admin = AdminServer::bind(config.admin_addr, Arc::new(registry), readiness.clone()).await?;
+    info!(addr = %config.admin_addr, "admin server listening");
+    let admin_task = tokio::spawn(admin.serve(shutdown.clone()).instrument(info_span!("admin")));
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (node_watch, watch_future) =
+        NodeWatch::new(nodes.clone(), Some(readiness.clone()), shutdown.clone());
+    tokio::spawn(watch_future.instrument(info_span!("node_watch")));
+
+    let aws = config.aws.load().await;
+    let resolver = Resolver::new(
+        node_watch.clone(),
+        aws_sdk_ec2::Client::new(&aws),
+        config.behaviour.managed_tag.clone(),
+        metrics.clone(),
+    );
+    let sqs_client = aws_sdk_sqs::Client::new(&aws);
+    let identity = config
+        .lease
+        .as_ref()
+        .map(|l| l.identity.clone())
+        .unwrap_or_else(|| names::FIELD_MANAGER.to_string());
+    let drainer = Drainer::new(
+        client.clone(),
+        DrainConfig {
+            reporting_instance: Some(identity),
+            ..DrainConfig::default()
+        },
+    );
+
+    // Without leader election this replica always leads; the sender lives as long as `run`, so
+    // the receiver never reports a closed channel.
+    let (_always_leader, always_leading) = watch::channel(true);
+    let (is_leader, elector_task) = match config.lease.clone() {
+        Some(lease) => {
+            let elector = LeaderElector::new(client.clone(), lease.into_lease_config(&default_namespace))
+                .with_metrics(metrics.clone());
+            let is_leader = elector.subscribe();
+            let task = tokio::spawn(elector.run(shutdown.clone()).instrument(info_span!("leader")));
+            (is_leader, Some(task))
+        }
+        None => {
+            metrics.set_leader(true);
+            (always_leading, None)
+        }
+    };
+
+    let shared = Arc::new(Shared {
+        nodes,
+        client,
+        drainer,
+        resolver,
+        watch: node_watch,
+        autoscaling: aws_sdk_autoscaling::Client::new(&aws),
+        metrics,
+        policy,
+        config: config.clone(),
+        draining: Mutex::new(HashMap::new()),
+        tasks: TaskTracker::new(),
+    });
+    lead_while_elected(&shared, is_leader, sqs_client, readiness, &shutdown).await;
+
+    shared.tasks.close();
+    shared.tasks.wait().await;
+    if let Some(task) = elector_task {
+        let _ = task.await;
+    }
+    let _ = admin_task.await;
+    info!("controller stopped");
+    Ok(())
+}
+
+fn load_policy(config: &ControllerConfig) -> Result<ClusterPolicy, ControllerError> {
+    let Some(path) = &config.behaviour.policy else {
+        return Ok(ClusterPolicy::default());
+    };
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ControllerError::ReadPolicy {
+        path: display.clone(),
+        source,
+    })?;
+    ClusterPolicy::from_yaml(&text).map_err(|source| ControllerError::Policy {
+        path: display,
+        source,
+    })
+}
+
+/// One leader term after another until shutdown. A standby reads nothing from the queue (a
+/// message it received would be invisible to the leader), but it reports the intake ready so
+/// that a rollout does not wait on standbys forever.
+async fn lead_while_elected(
+    shared: &Arc<Shared>,
+    mut is_leader: watch::Receiver<bool>,
+    sqs_client: aws_sdk_sqs::Client,
+    readiness: Readiness,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        readiness.set(sqs::READINESS_COMPONENT, true);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = is_leader.wait_for(|leader| *leader) => if changed.is_err() { return },
+        }
+        info!("leading: resuming drains and reading the queue");
+        let term = shutdown.child_token();
+        // The node watch must have listed once, or resume would miss records.
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = shared.watch.wait_ready() => {}
+        }
+        resume(shared, &term);
+        let handler_shared = Arc::clone(shared);
+        let handler_term = term.clone();
+        let handler = move |batch: Vec<Delivery>| {
+            let shared = Arc::clone(&handler_shared);
+            let term = handler_term.clone();
+            async move { handle_batch(&shared, &term, batch).await }
+        };
+        let intake = Intake::new(
+            sqs_client.clone(),
+            shared.config.intake.clone(),
+            handler,
+            shared.metrics.clone(),
+        )
+        .with_readiness(readiness.clone());
+        let intake_task = tokio::spawn(intake.run(term.clone()).instrument(info_span!("intake")));
+        let sweeper = tokio::spawn(sweep_rebalanced(Arc::clone(shared), term.clone()));
+
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            lost = is_leader.wait_for(|leader| !*leader) => {
+                if lost.is_ok() {
+                    warn!("lost the lease: stopping the queue and the drains");
+                } else {
+                    // The elector is gone (it only stops at shutdown): wait for that.
+                    shutdown.cancelled().await;
+                }
+            }
+        }
+        term.cancel();
+        let _ = intake_task.await;
+        let _ = sweeper.await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+struct RunningDrain {
+    record: DrainRecord,
+    cancel: CancellationToken,
+    /// Cancelled when the task ends; a replacement task waits for it so two drains of one node
+    /// never run at once.
+    done: CancellationToken,
+}
+
+/// A node one interruption points at, with the record to write.
+struct Target {
+    delivery: usize,
+    node: String,
+    record: DrainRecord,
+    event_time: Timestamp,
+    kind: InterruptionKind,
+}
+
+/// Takes a batch over: resolve, prepare every node, settle each message, start the drains.
+async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec<Delivery>) {
+    let ids: Vec<&str> = batch
+        .iter()
+        .flat_map(|d| d.interruptions.iter().map(|i| i.instance_id.as_str()))
+        .collect();
+    let mut resolutions = shared.resolver.resolve(&ids).await.into_iter();
+
+    let now = Timestamp::now();
+    let mut targets = Vec::new();
+    // Per delivery: whether every interruption in it is taken care of.
+    let mut complete = vec![true; batch.len()];
+    for (index, delivery) in batch.iter().enumerate() {
+        for interruption in &delivery.interruptions {
+            shared.metrics.interruption(interruption.kind);
+            match resolutions.next() {
+                Some(Ok(Resolution::Node(node))) => {
+                    let fresh = record_for(interruption, now, &shared.config);
+                    let record = match current_record(shared, &node) {
+                        Some(current) => merge_records(current, fresh),
+                        None => fresh,
+                    };
+                    targets.push(Target {
+                        delivery: index,
+                        node,
+                        record,
+                        event_time: interruption.event_time,
+                        kind: interruption.kind,
+                    })
+                }
+                Some(Ok(Resolution::NotManaged)) => {
+                    info!(instance = %interruption.instance_id, message = %delivery.message_id,
+                        "instance is not managed by this cluster; ignoring");
+                }
+                Some(Ok(Resolution::NotFound)) => {
+                    warn!(instance = %interruption.instance_id, message = %delivery.message_id,
+                        kind = interruption.kind.as_str(), "no node for this instance");
+                    if shared.config.behaviour.node_not_found == NodeNotFound::Retry {
+                        complete[index] = false;
+                    }
+                }
+                Some(Err(error)) => {
+                    warn!(instance = %interruption.instance_id, %error, "cannot resolve the instance yet");
+                    complete[index] = false;
+                }
+                None => complete[index] = false,
+            }
+        }
+    }
+
+    // Every node of the batch is prepared before any drain starts, so pods evicted from one do
+    // not land on another that is about to go.
+    let prepared: Vec<(Target, bool)> = futures::stream::iter(targets)
+        .map(|target| async move {
+            let ok = match node::prepare(&shared.nodes, &target.node, &target.record).await {
+                Ok(_) => {
+                    let latency = Timestamp::now().duration_since(target.event_time).as_secs_f64();
+                    shared.metrics.event_to_cordon(target.kind, latency);
+                    true
+                }
+                Err(error) => {
+                    warn!(node = %target.node, %error, "cannot cordon the node; the message will be retried");
+                    false
+                }
+            };
+            (target, ok)
+        })
+        .buffer_unordered(PREPARE_CONCURRENCY)
+        .collect()
+        .await;
+    for (target, ok) in &prepared {
+        if !ok {
+            complete[target.delivery] = false;
+        }
+    }
+
+    // The records are on the nodes: the messages may go.
+    for (delivery, complete) in batch.into_iter().zip(complete) {
+        if complete {
+            delivery.ack.delete();
+        } else {
+            delivery.ack.retry_after(RETRY_DELAY);
+        }
+    }
+
+    for (target, ok) in prepared {
+        if ok {
+            start_drain(shared, term, target.node, target.record);
+        }
+    }
+}
+
+/// The record for an interruption. Auto Scaling hooks carry no deadline of their own: the
+/// configured timeout stands in, counted from the event.
+fn record_for(interruption: &Interruption, now: Timestamp, config: &ControllerConfig) -> DrainRecord {
+    let mut record = DrainRecord::from_interruption(interruption, now);
+    if record.deadline.is_none() && interruption.lifecycle.is_some() {
+        let timeout = SignedDuration::try_from(config.behaviour.asg_drain_timeout).unwrap_or(SignedDuration::MAX);
+        record.deadline = interruption.event_time.checked_add(timeout).ok();
+    }
+    record
+}
+
+/// The unfinished drain record already on a node, from the watch's cache.
+fn current_record(shared: &Shared, node: &str) -> Option<DrainRecord> {
+    let cached = shared.watch.store().get(&ObjectRef::new(node))?;
+    let record = node::record_of(&cached).ok()??;
+    matches!(record.phase, Phase::Cordoned | Phase::Draining).then_some(record)
+}
+
+/// A second interruption for a node that is already draining: keep the drain (its start, its
+/// phase) and take whatever is more urgent. The earlier deadline wins; an involuntary
+/// interruption makes the drain involuntary (a spot warning after a rebalance recommendation);
+/// a lifecycle hook is kept so it gets completed.
+pub fn merge_records(current: DrainRecord, fresh: DrainRecord) -> DrainRecord {
+    let deadline = match (current.deadline, fresh.deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let more_urgent = (current.voluntary && !fresh.voluntary) || deadline != current.deadline;
+    DrainRecord {
+        kind: if more_urgent { fresh.kind } else { current.kind },
+        reason: if more_urgent { fresh.reason } else { current.reason },
+        event_id: if more_urgent { fresh.event_id } else { current.event_id },
+        deadline,
+        voluntary: current.voluntary && fresh.voluntary,
+        lifecycle_hook: fresh.lifecycle_hook.or(current.lifecycle_hook),
+        ..current
+    }
+}
+
+/// Starts a drain task for `node`. If one runs already with the same record nothing happens;
+/// with a more urgent record (merged by [`merge_records`]) the running one is cancelled and the
+/// new one starts when it has stopped.
+fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, record: DrainRecord) {
+    if record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+        && shared.config.behaviour.rebalance == RebalanceMode::CordonOnly
+    {
+        return;
+    }
+    let running = RunningDrain {
+        record: record.clone(),
+        cancel: term.child_token(),
+        done: CancellationToken::new(),
+    };
+    let cancel = running.cancel.clone();
+    let done = running.done.clone();
+    let previous = {
+        let mut draining = shared.draining.lock().unwrap_or_else(|e| e.into_inner());
+        match draining.get(&node) {
+            Some(existing) if existing.record == record => return,
+            _ => draining.insert(node.clone(), running),
+        }
+    };
+    if let Some(previous) = &previous {
+        info!(node = %node, "a more urgent interruption: restarting the drain with it");
+        previous.cancel.cancel();
+    }
+    let task_shared = Arc::clone(shared);
+    let span = info_span!("drain", node = %node, kind = %record.kind);
+    shared.tasks.spawn(
+        async move {
+            if let Some(previous) = previous {
+                previous.done.cancelled().await;
+            }
+            drain_and_hand_over(&task_shared, &cancel, &node, record).await;
+            done.cancel();
+            let mut draining = task_shared.draining.lock().unwrap_or_else(|e| e.into_inner());
+            // Only this task's entry: a newer task may have replaced it already.
+            if draining.get(&node).is_some_and(|r| r.cancel == cancel) {
+                draining.remove(&node);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Resumes every drain whose record says it is unfinished.
+fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
+    let mut resumed = 0;
+    for node in shared.watch.store().state() {
+        let record = match node::record_of(&node) {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(error) => {
+                warn!(node = %node.name_any(), %error, "unreadable drain record; leaving the node alone");
+                continue;
+            }
+        };
+        // A drain someone started from the CLI belongs to them; the controller does not finish
+        // it behind their back.
+        if record.kind == node::MANUAL_KIND {
+            continue;
+        }
+        let unfinished = match record.phase {
+            Phase::Cordoned | Phase::Draining => true,
+            // Drained but not handed over: only the handoff is left, which the drain task does
+            // after a (quick, empty) drain.
+            Phase::Drained => record.lifecycle_hook.is_some() || shared.config.behaviour.karpenter_handoff,
+            Phase::Failed | Phase::HandedOver => false,
+        };
+        if unfinished {
+            resumed += 1;
+            start_drain(shared, term, node.name_any(), record);
+        }
+    }
+    info!(resumed, "resumed unfinished drains from node records");
+}
+
+/// One node's drain, then its handover. `cancel` stops it (lost lease, shutdown, or a more urgent
+/// interruption for the same node).
+async fn drain_and_hand_over(shared: &Arc<Shared>, cancel: &CancellationToken, name: &str, record: DrainRecord) {
+    let _draining = shared.metrics.draining_guard();
+    let started = Instant::now();
+    let kind: Option<InterruptionKind> = record.kind.parse().ok();
+    let handover = kind != Some(InterruptionKind::RebalanceRecommendation)
+        || shared.config.behaviour.rebalance == RebalanceMode::DrainAndHandover;
+    let options = PlanOptions {
+        // The node is going away: DaemonSet pods go with it, and pods no controller recreates
+        // or with local data cannot be saved by refusing to drain.
+        daemonsets: DaemonSetHandling::Ignore,
+        delete_emptydir_data: true,
+        force: true,
+        voluntary: record.voluntary,
+        margin: shared.config.behaviour.deadline_margin,
+        ..PlanOptions::default()
+    };
+    let request = DrainRequest {
+        deadline: record.deadline,
+        options,
+        policy: shared.policy.clone(),
+        timeout: None,
+        record: Some(record.clone()),
+        cancel: cancel.clone(),
+    };
+
+    let (progress, events) = mpsc::channel(256);
+    let metrics_task = tokio::spawn(count_progress(shared.metrics.clone(), events));
+    let heartbeat = record
+        .lifecycle_hook
+        .clone()
+        .map(|hook| tokio::spawn(heartbeat(shared.autoscaling.clone(), hook, cancel.child_token())));
+    let result = shared.drainer.drain(&[name.to_string()], request, progress).await;
+    if let Some(task) = heartbeat {
+        task.abort();
+    }
+    let _ = metrics_task.await;
+
+    let outcome = match &result {
+        Ok(report) => {
+            log_report(report);
+            drain_result(report)
+        }
+        Err(error) => {
+            warn!(%error, "drain failed");
+            DrainResult::Failed
+        }
+    };
+    shared
+        .metrics
+        .drain_finished(kind, outcome, started.elapsed().as_secs_f64());
+    if outcome == DrainResult::Cancelled {
+        // Lost the lease or shutting down: the next leader resumes from the record.
+        return;
+    }
+
+    // The Auto Scaling hook is completed whether or not the drain emptied the node: the deadline
+    // has come either way, and holding the instance longer only delays its replacement.
+    let mut handed_over = false;
+    if let Some(hook) = &record.lifecycle_hook {
+        handed_over |= complete_lifecycle_action(&shared.autoscaling, hook).await;
+    }
+    if handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff {
+        handed_over |= delete_node_claim(shared, name).await;
+    }
+    if handed_over && let Err(error) = node::set_phase(&shared.nodes, name, Phase::HandedOver).await {
+        warn!(%error, "cannot record the handover");
+    }
+}
+
+fn drain_result(report: &DrainReport) -> DrainResult {
+    match report.outcome {
+        DrainOutcome::Drained if report.is_success() => DrainResult::Succeeded,
+        DrainOutcome::Drained | DrainOutcome::Refused => DrainResult::Failed,
+        DrainOutcome::TimedOut => DrainResult::TimedOut,
+        DrainOutcome::Cancelled => DrainResult::Cancelled,
+    }
+}
+
+fn log_report(report: &DrainReport) {
+    for node in &report.nodes {
+        let remaining: Vec<String> = node
+            .remaining()
+            .map(|p| match &p.blocker {
+                Some(blocker) => format!("{} ({blocker})", p.pod),
+                None => p.pod.to_string(),
+            })
+            .collect();
+        info!(
+            node = %node.node,
+            outcome = report.outcome.as_str(),
+            seconds = report.elapsed.as_secs_f64(),
+            pods = node.pods.len(),
+            remaining = ?remaining,
+            "drain ended"
+        );
+    }
+}
+
+/// Turns the engine's progress into metrics (bounded labels only).
+async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEvent>) {
+    while let Some(event) = events.recv().await {
+        let ProgressEvent::Pod { change, .. } = event else {
+            continue;
+        };
+        match change {
+            PodChange::Evicting { .. } => metrics.eviction(EvictionOutcome::Evicted),
+            PodChange::Deleting { .. } => metrics.eviction(EvictionOutcome::Deleted),
+            PodChange::DeadlineOverride { .. } => {
+                metrics.deadline_override();
+                metrics.eviction(EvictionOutcome::Deleted);
+            }
+            PodChange::Blocked {
+                blocker: Blocker::Pdb { .. } | Blocker::MultiplePdbs { .. },
+            } => metrics.pdb_blocked_retry(),
+            PodChange::Blocked {
+                blocker: Blocker::ApiError { .. },
+            } => metrics.eviction(EvictionOutcome::Failed),
+            _ => {}
+        }
+    }
+}
+
+/// Keeps the instance in Terminating:Wait while the drain runs.
+async fn heartbeat(autoscaling: aws_sdk_autoscaling::Client, hook: node::LifecycleHook, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let mut request = autoscaling
+            .record_lifecycle_action_heartbeat()
+            .lifecycle_hook_name(&hook.hook_name)
+            .auto_scaling_group_name(&hook.group_name);
+        request = match &hook.token {
+            Some(token) => request.lifecycle_action_token(token),
+            None => request.instance_id(&hook.instance_id),
+        };
+        if let Err(error) = request.send().await {
+            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
+                "lifecycle heartbeat failed");
+        }
+    }
+}
+
+/// `CompleteLifecycleAction` with CONTINUE: Auto Scaling may terminate the instance now.
+async fn complete_lifecycle_action(autoscaling: &aws_sdk_autoscaling::Client, hook: &node::LifecycleHook) -> bool {
+    let mut request = autoscaling
+        .complete_lifecycle_action()
+        .lifecycle_hook_name(&hook.hook_name)
+        .auto_scaling_group_name(&hook.group_name)
+        .lifecycle_action_result("CONTINUE");
+    request = match &hook.token {
+        Some(token) => request.lifecycle_action_token(token),
+        None => request.instance_id(&hook.instance_id),
+    };
+    match request.send().await {
+        Ok(_) => {
+            info!(hook = %hook.hook_name, group = %hook.group_name, "lifecycle action completed");
+            true
+        }
+        Err(error) => {
+            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
+                "cannot complete the lifecycle action; Auto Scaling will continue at the hook's timeout");
+            false
+        }
+    }
+}
+
+fn node_claims(client: &Client) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"),
+        "nodeclaims",
+    );
+    Api::all_with(client.clone(), &resource)
+}
+
+/// Deletes the Karpenter NodeClaim behind a drained node, so Karpenter replaces the capacity
+/// now instead of after the instance is gone. Only for nodes of a NodePool.
+async fn delete_node_claim(shared: &Shared, name: &str) -> bool {
+    let Some(node) = shared.watch.store().get(&ObjectRef::new(name)) else {
+        return false;
+    };
+    if !node.labels().contains_key(names::LABEL_KARPENTER_NODEPOOL) {
+        return false;
+    }
+    let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.clone());
+    let api = node_claims(&shared.client);
+    let claims = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(error) => {
+            warn!(%error, "cannot list Karpenter NodeClaims; leaving the node to Karpenter");
+            return false;
+        }
+    };
+    let claim = claims.into_iter().find(|claim| {
+        let status = claim.data.get("status");
+        let node_name = status.and_then(|s| s.get("nodeName")).and_then(|v| v.as_str());
+        let claim_provider = status.and_then(|s| s.get("providerID")).and_then(|v| v.as_str());
+        node_name == Some(name) || (provider_id.is_some() && claim_provider == provider_id.as_deref())
+    });
+    let Some(claim) = claim else {
+        warn!("no Karpenter NodeClaim found for the node");
+        return false;
+    };
+    match api.delete(&claim.name_any(), &DeleteParams::default()).await {
+        Ok(_) => {
+            info!(nodeclaim = %claim.name_any(), "deleted the NodeClaim: Karpenter replaces the capacity");
+            true
+        }
+        Err(error) => {
+            warn!(nodeclaim = %claim.name_any(), %error, "cannot delete the NodeClaim");
+            false
+        }
+    }
+}
+
+/// Uncordons nodes that survived a rebalance recommendation for longer than configured.
+async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
+    let Some(after) = shared.config.behaviour.rebalance_uncordon_after else {
+        return;
+    };
+    let Ok(after) = SignedDuration::try_from(after) else {
+        return;
+    };
+    let mut interval = tokio::time::interval(REBALANCE_SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = term.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let now = Timestamp::now();
+        for node in shared.watch.store().state() {
+            let Ok(Some(record)) = node::record_of(&node) else {
+                continue;
+            };
+            let survived = record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+                && record.phase != Phase::HandedOver
+                && record.started.checked_add(after).is_ok_and(|t| t <= now);
+            let name = node.name_any();
+            if !survived || shared.draining.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&name) {
+                continue;
+            }
+            match node::release(&shared.nodes, &name).await {
+                Ok(_) => info!(node = %name, "survived its rebalance recommendation: uncordoned"),
+                Err(error) => warn!(node = %name, %error, "cannot uncordon after a rebalance recommendation"),
+            }
+        }
+    }
+}
