@@ -15,8 +15,10 @@ pub fn init(default_level: &str, json: Option<bool>) {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     });
+    // Colours only for a person at a terminal, never in a log file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: the first subscriber stays.
     let _ = if json {

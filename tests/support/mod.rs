@@ -12,6 +12,7 @@ pub mod aws;
 
 pub mod drain;
 
+pub mod controller;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,485 @@
+//! Helpers for the end-to-end controller tests: the real `nodedrain controller` binary as a child
+//! process (killed on drop, its log printed when a test fails), event bodies built from the
+//! fixtures, node inspection, and a recording Auto Scaling endpoint.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::aws::free_port;
+use super::{Scope, TEST_KEY, var};
+
+/// Prefix of every scope name the controller tests use, so stale nodes of an earlier, aborted run
+/// can be recognised and removed.
+pub const SCOPE_PREFIX: &str = "ctl-";
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/events/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn now_rfc3339() -> String {
+    Timestamp::now().to_string()
+}
+
+/// A spot warning for `instance` sent now (deadline now + 2 min).
+pub fn spot_body(event_id: &str, instance: &str) -> String {
+    let mut v = fixture("spot-interruption-warning.json");
+    v["id"] = json!(event_id);
+    v["time"] = json!(now_rfc3339());
+    v["resources"] = json!([format!("arn:aws:ec2:us-east-1a:instance/{instance}")]);
+    v["detail"]["instance-id"] = json!(instance);
+    v.to_string()
+}
+
+/// An AWS Health scheduled change for `instances`, starting `ahead` from now.
+pub fn health_body(event_id: &str, instances: &[String], ahead: Duration) -> String {
+    let mut v = fixture("health-scheduled-change.json");
+    let start = Timestamp::now() + ahead;
+    v["id"] = json!(event_id);
+    v["time"] = json!(now_rfc3339());
+    v["resources"] = json!(instances);
+    v["detail"]["startTime"] = json!(start.to_string());
+    v["detail"]["endTime"] = json!((start + Duration::from_secs(7200)).to_string());
+    v["detail"]["affectedEntities"] = instances
+        .iter()
+        .map(|i| json!({"entityValue": i}))
+        .collect();
+    v.to_string()
+}
+
+/// A direct Auto Scaling terminate-hook notification for `instance`.
+pub fn asg_direct_body(request_id: &str, instance: &str, token: &str) -> String {
+    let mut v = fixture("asg-terminate-lifecycle-direct.json");
+    v["RequestId"] = json!(request_id);
+    v["Time"] = json!(now_rfc3339());
+    v["EC2InstanceId"] = json!(instance);
+    v["LifecycleActionToken"] = json!(token);
+    v.to_string()
+}
+
+pub fn instance_id(node: &Node) -> String {
+    let provider = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.provider_id.clone())
+        .expect("provider id");
+    provider.rsplit('/').next().unwrap().to_string()
+}
+
+/// A unique event id for this run.
+pub fn event_id(what: &str) -> String {
+    format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        Timestamp::now().as_nanosecond()
+    )
+}
+
+/// One `nodedrain controller` child process.
+pub struct Controller {
+    pub name: String,
+    pub admin: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// Settings every test passes; `extra` adds or overrides flags.
+pub struct Launch<'a> {
+    pub name: &'a str,
+    pub queue_url: &'a str,
+    /// `None`: `--leader-elect=false`; else (lease namespace, lease name).
+    pub lease: Option<(&'a str, &'a str)>,
+    pub extra: &'a [&'a str],
+    pub env: &'a [(&'a str, String)],
+}
+
+impl Controller {
+    pub fn start(launch: Launch<'_>) -> Controller {
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "nodedrain-controller-test-{}-{}-{}.log",
+            launch.name,
+            std::process::id(),
+            admin
+        ));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nodedrain"));
+        // The test's own environment may carry sandbox settings (`eval "$(sandbox/sandbox env)"`)
+        // such as the shared queue: the child gets only what is set here.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().to_string();
+            if key.starts_with("NODEDRAIN_") || key.starts_with("AWS_") || key == "KUBECONFIG" {
+                command.env_remove(&key);
+            }
+        }
+        command
+            .env("KUBECONFIG", var("KUBECONFIG"))
+            .env("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL"))
+            .env("AWS_REGION", var("AWS_REGION"))
+            .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
+            .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
+            .env("RUST_LOG", "info,nodedrain=debug")
+            .args([
+                "controller",
+                "--queue-url",
+                launch.queue_url,
+                "--admin-addr",
+                &format!("127.0.0.1:{admin}"),
+                "--log-format",
+                "text",
+                "--visibility-timeout",
+                "10s",
+                "--receivers",
+                "2",
+            ]);
+        match launch.lease {
+            None => {
+                command.arg("--leader-elect=false");
+            }
+            Some((namespace, lease)) => {
+                command.args([
+                    "--lease-namespace",
+                    namespace,
+                    "--lease-name",
+                    lease,
+                    "--identity",
+                    launch.name,
+                    "--lease-duration",
+                    "4s",
+                    "--lease-renew-deadline",
+                    "3s",
+                    "--lease-retry-period",
+                    "1s",
+                ]);
+            }
+        }
+        command.args(launch.extra);
+        for (key, value) in launch.env {
+            command.env(key, value);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start nodedrain controller");
+        Controller {
+            name: launch.name.to_string(),
+            admin,
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.get("/readyz").await {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                tokio::time::Instant::now() < end,
+                "controller {} not ready within {timeout:?}; log:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A raw HTTP/1.0 GET on the admin port: (status, body).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin))
+            .await
+            .ok()?;
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&response).to_string();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric series (exact name with labels), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!(
+                "controller {} exited with {status}; log:\n{}",
+                self.name,
+                self.log_tail(60)
+            );
+        }
+    }
+
+    /// SIGKILL: no lease release, no clean shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- controller {} log (last 80 lines) ----\n{}",
+                self.name,
+                self.log_tail(80)
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Deletes nodes (and namespaces) left by an aborted earlier run of the controller tests (another process id):
+/// the controller resumes unfinished drains of every node it sees.
+pub async fn remove_stale_nodes(client: &kube::Client) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mine = format!("-{}-", std::process::id());
+    let Ok(list) = nodes.list(&ListParams::default().labels(TEST_KEY)).await else {
+        return;
+    };
+    for node in list.items {
+        let owner = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TEST_KEY))
+            .cloned()
+            .unwrap_or_default();
+        if owner.starts_with(SCOPE_PREFIX) && !owner.contains(&mine) {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let Ok(list) = namespaces
+        .list(&ListParams::default().labels(TEST_KEY))
+        .await
+    else {
+        return;
+    };
+    for namespace in list.items {
+        let name = namespace.metadata.name.clone().unwrap_or_default();
+        if name.starts_with(SCOPE_PREFIX) && !name.contains(&mine) {
+            let _ = namespaces.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+}
+
+pub async fn get_node(scope: &Scope, name: &str) -> Node {
+    Api::<Node>::all(scope.client.clone())
+        .get(name)
+        .await
+        .expect("get node")
+}
+
+/// The drain record on a node, as JSON.
+pub fn record(node: &Node) -> Option<Value> {
+    let text = node
+        .metadata
+        .annotations
+        .as_ref()?
+        .get("nodedrain.io/drain")?;
+    Some(serde_json::from_str(text).expect("drain record is JSON"))
+}
+
+pub fn phase(node: &Node) -> Option<String> {
+    record(node)?.get("phase")?.as_str().map(str::to_string)
+}
+
+pub fn interruption_taint(node: &Node) -> Option<String> {
+    node.spec
+        .as_ref()?
+        .taints
+        .as_ref()?
+        .iter()
+        .find(|t| t.key == "nodedrain.io/interruption" && t.effect == "NoSchedule")
+        .map(|t| t.value.clone().unwrap_or_default())
+}
+
+pub fn unschedulable(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+pub fn has_label(node: &Node, key: &str) -> bool {
+    node.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(key))
+}
+
+/// Polls the node until `check` holds; panics with the node's record after `timeout`.
+pub async fn wait_node(
+    scope: &Scope,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Node) -> bool,
+) -> Node {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let node = get_node(scope, name).await;
+        if check(&node) {
+            return node;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "node {name}: {what} not within {timeout:?}; record {:?}, taints {:?}, unschedulable {}",
+            record(&node),
+            node.spec.as_ref().and_then(|s| s.taints.clone()),
+            unschedulable(&node)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Pods on `node` (any namespace) that are not DaemonSet pods, including terminating ones.
+pub async fn non_daemonset_pods(client: &kube::Client, node: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    pods.list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .filter(|p| {
+            !p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "DaemonSet")
+        })
+        .collect()
+}
+
+/// Occurrences of Events with `reason` about Node `node` (a repeated Event counts its series).
+pub async fn node_event_count(client: &kube::Client, node: &str, reason: &str) -> i32 {
+    let api: Api<Event> = Api::all(client.clone());
+    api.list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("Node") && r.name.as_deref() == Some(node)
+                })
+        })
+        .map(|e| e.series.map(|s| s.count).unwrap_or(1))
+        .sum()
+}
+
+/// What the recording Auto Scaling endpoint received: the form fields of each request.
+pub type Recorded = Arc<Mutex<Vec<HashMap<String, String>>>>;
+
+/// A local Auto Scaling Query-API endpoint answering `CompleteLifecycleAction` and
+/// `RecordLifecycleActionHeartbeat` (which moto does not implement), recording every request and
+/// refusing every other action with HTTP 400. Returns its URL.
+pub async fn autoscaling_recorder(recorded: Recorded) -> String {
+    use axum::Form;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    async fn handle(
+        State(recorded): State<Recorded>,
+        Form(fields): Form<Vec<(String, String)>>,
+    ) -> axum::response::Response {
+        let fields: HashMap<String, String> = fields.into_iter().collect();
+        let action = fields.get("Action").cloned().unwrap_or_default();
+        recorded.lock().unwrap().push(fields);
+        match action.as_str() {
+            "CompleteLifecycleAction" | "RecordLifecycleActionHeartbeat" => (
+                StatusCode::OK,
+                [("content-type", "text/xml")],
+                format!(
+                    "<{action}Response xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\">\
+                     <{action}Result/><ResponseMetadata><RequestId>x</RequestId></ResponseMetadata>\
+                     </{action}Response>"
+                ),
+            )
+                .into_response(),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                [("content-type", "text/xml")],
+                "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code>\
+                 <Message>not recorded here</Message></Error><RequestId>x</RequestId></ErrorResponse>"
+                    .to_string(),
+            )
+                .into_response(),
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind recorder");
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(handle))
+        .fallback(|| async { StatusCode::BAD_REQUEST })
+        .with_state(recorded);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
