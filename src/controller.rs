@@ -94,7 +94,10 @@ struct Shared {
 
 /// Runs the controller until `shutdown` fires: then it stops reading the queue, lets drains stop
 /// (nodes stay cordoned with their records, for the next leader), and releases the lease.
-pub async fn run(config: ControllerConfig, shutdown: CancellationToken) -> Result<(), ControllerError> {
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
     let policy = load_policy(&config)?;
     let kube_config = kube_client::load_config(&config.client).await?;
     let default_namespace = kube_config.default_namespace.clone();
@@ -105,7 +108,11 @@ pub async fn run(config: ControllerConfig, shutdown: CancellationToken) -> Resul
     let readiness = Readiness::new(&[resolve::READINESS_COMPONENT, sqs::READINESS_COMPONENT]);
     let admin = AdminServer::bind(config.admin_addr, Arc::new(registry), readiness.clone()).await?;
     info!(addr = %config.admin_addr, "admin server listening");
-    let admin_task = tokio::spawn(admin.serve(shutdown.clone()).instrument(info_span!("admin")));
+    let admin_task = tokio::spawn(
+        admin
+            .serve(shutdown.clone())
+            .instrument(info_span!("admin")),
+    );
 
     let nodes: Api<Node> = Api::all(client.clone());
     let (node_watch, watch_future) =
@@ -138,10 +145,15 @@ pub async fn run(config: ControllerConfig, shutdown: CancellationToken) -> Resul
     let (_always_leader, always_leading) = watch::channel(true);
     let (is_leader, elector_task) = match config.lease.clone() {
         Some(lease) => {
-            let elector = LeaderElector::new(client.clone(), lease.into_lease_config(&default_namespace))
-                .with_metrics(metrics.clone());
+            let elector =
+                LeaderElector::new(client.clone(), lease.into_lease_config(&default_namespace))
+                    .with_metrics(metrics.clone());
             let is_leader = elector.subscribe();
-            let task = tokio::spawn(elector.run(shutdown.clone()).instrument(info_span!("leader")));
+            let task = tokio::spawn(
+                elector
+                    .run(shutdown.clone())
+                    .instrument(info_span!("leader")),
+            );
             (is_leader, Some(task))
         }
         None => {
@@ -362,10 +374,15 @@ async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec
 
 /// The record for an interruption. Auto Scaling hooks carry no deadline of their own: the
 /// configured timeout stands in, counted from the event.
-fn record_for(interruption: &Interruption, now: Timestamp, config: &ControllerConfig) -> DrainRecord {
+fn record_for(
+    interruption: &Interruption,
+    now: Timestamp,
+    config: &ControllerConfig,
+) -> DrainRecord {
     let mut record = DrainRecord::from_interruption(interruption, now);
     if record.deadline.is_none() && interruption.lifecycle.is_some() {
-        let timeout = SignedDuration::try_from(config.behaviour.asg_drain_timeout).unwrap_or(SignedDuration::MAX);
+        let timeout = SignedDuration::try_from(config.behaviour.asg_drain_timeout)
+            .unwrap_or(SignedDuration::MAX);
         record.deadline = interruption.event_time.checked_add(timeout).ok();
     }
     record
@@ -389,9 +406,21 @@ pub fn merge_records(current: DrainRecord, fresh: DrainRecord) -> DrainRecord {
     };
     let more_urgent = (current.voluntary && !fresh.voluntary) || deadline != current.deadline;
     DrainRecord {
-        kind: if more_urgent { fresh.kind } else { current.kind },
-        reason: if more_urgent { fresh.reason } else { current.reason },
-        event_id: if more_urgent { fresh.event_id } else { current.event_id },
+        kind: if more_urgent {
+            fresh.kind
+        } else {
+            current.kind
+        },
+        reason: if more_urgent {
+            fresh.reason
+        } else {
+            current.reason
+        },
+        event_id: if more_urgent {
+            fresh.event_id
+        } else {
+            current.event_id
+        },
         deadline,
         voluntary: current.voluntary && fresh.voluntary,
         lifecycle_hook: fresh.lifecycle_hook.or(current.lifecycle_hook),
@@ -435,7 +464,10 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
             }
             drain_and_hand_over(&task_shared, &cancel, &node, record).await;
             done.cancel();
-            let mut draining = task_shared.draining.lock().unwrap_or_else(|e| e.into_inner());
+            let mut draining = task_shared
+                .draining
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             // Only this task's entry: a newer task may have replaced it already.
             if draining.get(&node).is_some_and(|r| r.cancel == cancel) {
                 draining.remove(&node);
@@ -466,7 +498,9 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
             Phase::Cordoned | Phase::Draining => true,
             // Drained but not handed over: only the handoff is left, which the drain task does
             // after a (quick, empty) drain.
-            Phase::Drained => record.lifecycle_hook.is_some() || shared.config.behaviour.karpenter_handoff,
+            Phase::Drained => {
+                record.lifecycle_hook.is_some() || shared.config.behaviour.karpenter_handoff
+            }
             Phase::Failed | Phase::HandedOver => false,
         };
         if unfinished {
@@ -479,7 +513,12 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
 
 /// One node's drain, then its handover. `cancel` stops it (lost lease, shutdown, or a more urgent
 /// interruption for the same node).
-async fn drain_and_hand_over(shared: &Arc<Shared>, cancel: &CancellationToken, name: &str, record: DrainRecord) {
+async fn drain_and_hand_over(
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+    name: &str,
+    record: DrainRecord,
+) {
     let _draining = shared.metrics.draining_guard();
     let started = Instant::now();
     let kind: Option<InterruptionKind> = record.kind.parse().ok();
@@ -506,11 +545,17 @@ async fn drain_and_hand_over(shared: &Arc<Shared>, cancel: &CancellationToken, n
 
     let (progress, events) = mpsc::channel(256);
     let metrics_task = tokio::spawn(count_progress(shared.metrics.clone(), events));
-    let heartbeat = record
-        .lifecycle_hook
-        .clone()
-        .map(|hook| tokio::spawn(heartbeat(shared.autoscaling.clone(), hook, cancel.child_token())));
-    let result = shared.drainer.drain(&[name.to_string()], request, progress).await;
+    let heartbeat = record.lifecycle_hook.clone().map(|hook| {
+        tokio::spawn(heartbeat(
+            shared.autoscaling.clone(),
+            hook,
+            cancel.child_token(),
+        ))
+    });
+    let result = shared
+        .drainer
+        .drain(&[name.to_string()], request, progress)
+        .await;
     if let Some(task) = heartbeat {
         task.abort();
     }
@@ -543,7 +588,8 @@ async fn drain_and_hand_over(shared: &Arc<Shared>, cancel: &CancellationToken, n
     if handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff {
         handed_over |= delete_node_claim(shared, name).await;
     }
-    if handed_over && let Err(error) = node::set_phase(&shared.nodes, name, Phase::HandedOver).await {
+    if handed_over && let Err(error) = node::set_phase(&shared.nodes, name, Phase::HandedOver).await
+    {
         warn!(%error, "cannot record the handover");
     }
 }
@@ -602,7 +648,11 @@ async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEve
 }
 
 /// Keeps the instance in Terminating:Wait while the drain runs.
-async fn heartbeat(autoscaling: aws_sdk_autoscaling::Client, hook: node::LifecycleHook, stop: CancellationToken) {
+async fn heartbeat(
+    autoscaling: aws_sdk_autoscaling::Client,
+    hook: node::LifecycleHook,
+    stop: CancellationToken,
+) {
     let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
     interval.tick().await;
     loop {
@@ -626,7 +676,10 @@ async fn heartbeat(autoscaling: aws_sdk_autoscaling::Client, hook: node::Lifecyc
 }
 
 /// `CompleteLifecycleAction` with CONTINUE: Auto Scaling may terminate the instance now.
-async fn complete_lifecycle_action(autoscaling: &aws_sdk_autoscaling::Client, hook: &node::LifecycleHook) -> bool {
+async fn complete_lifecycle_action(
+    autoscaling: &aws_sdk_autoscaling::Client,
+    hook: &node::LifecycleHook,
+) -> bool {
     let mut request = autoscaling
         .complete_lifecycle_action()
         .lifecycle_hook_name(&hook.hook_name)
@@ -677,15 +730,23 @@ async fn delete_node_claim(shared: &Shared, name: &str) -> bool {
     };
     let claim = claims.into_iter().find(|claim| {
         let status = claim.data.get("status");
-        let node_name = status.and_then(|s| s.get("nodeName")).and_then(|v| v.as_str());
-        let claim_provider = status.and_then(|s| s.get("providerID")).and_then(|v| v.as_str());
-        node_name == Some(name) || (provider_id.is_some() && claim_provider == provider_id.as_deref())
+        let node_name = status
+            .and_then(|s| s.get("nodeName"))
+            .and_then(|v| v.as_str());
+        let claim_provider = status
+            .and_then(|s| s.get("providerID"))
+            .and_then(|v| v.as_str());
+        node_name == Some(name)
+            || (provider_id.is_some() && claim_provider == provider_id.as_deref())
     });
     let Some(claim) = claim else {
         warn!("no Karpenter NodeClaim found for the node");
         return false;
     };
-    match api.delete(&claim.name_any(), &DeleteParams::default()).await {
+    match api
+        .delete(&claim.name_any(), &DeleteParams::default())
+        .await
+    {
         Ok(_) => {
             info!(nodeclaim = %claim.name_any(), "deleted the NodeClaim: Karpenter replaces the capacity");
             true
@@ -720,12 +781,20 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
                 && record.phase != Phase::HandedOver
                 && record.started.checked_add(after).is_ok_and(|t| t <= now);
             let name = node.name_any();
-            if !survived || shared.draining.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&name) {
+            if !survived
+                || shared
+                    .draining
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&name)
+            {
                 continue;
             }
             match node::release(&shared.nodes, &name).await {
                 Ok(_) => info!(node = %name, "survived its rebalance recommendation: uncordoned"),
-                Err(error) => warn!(node = %name, %error, "cannot uncordon after a rebalance recommendation"),
+                Err(error) => {
+                    warn!(node = %name, %error, "cannot uncordon after a rebalance recommendation")
+                }
             }
         }
     }

@@ -395,10 +395,14 @@ pub async fn get(api: &Api<Node>, name: &str) -> Result<Node, NodeError> {
 async fn patch_with_retry(
     api: &Api<Node>,
     name: &str,
+    mut current: Option<Node>,
     compute: impl Fn(&Node) -> Result<Option<Value>, NodeError>,
 ) -> Result<(Node, bool), NodeError> {
     for _ in 0..CONFLICT_RETRIES {
-        let node = get(api, name).await?;
+        let node = match current.take() {
+            Some(node) => node,
+            None => get(api, name).await?,
+        };
         let Some(patch) = compute(&node)? else {
             return Ok((node, false));
         };
@@ -440,9 +444,29 @@ pub async fn prepare(api: &Api<Node>, name: &str, record: &DrainRecord) -> Resul
             kind: record.kind.clone(),
         });
     }
-    patch_with_retry(api, name, |node| Ok(prepare_patch(node, record)))
+    patch_with_retry(api, name, None, |node| Ok(prepare_patch(node, record)))
         .await
         .map(|(node, _)| node)
+}
+
+/// [`prepare`] starting from a node the caller has just read (saves a request; a stale copy
+/// only costs a 409 and a fresh read).
+pub async fn prepare_from(
+    api: &Api<Node>,
+    node: &Node,
+    record: &DrainRecord,
+) -> Result<Node, NodeError> {
+    if !valid_label_value(&record.kind) || record.kind.is_empty() {
+        return Err(NodeError::InvalidKind {
+            kind: record.kind.clone(),
+        });
+    }
+    let name = node_name(node).to_string();
+    patch_with_retry(api, &name, Some(node.clone()), |node| {
+        Ok(prepare_patch(node, record))
+    })
+    .await
+    .map(|(node, _)| node)
 }
 
 /// Overwrites the drain record (annotation only) with one merge patch, without reading the node
@@ -476,7 +500,7 @@ pub async fn set_phase(
     name: &str,
     phase: Phase,
 ) -> Result<DrainRecord, NodeError> {
-    let (node, _) = patch_with_retry(api, name, |node| {
+    let (node, _) = patch_with_retry(api, name, None, |node| {
         let mut record = record_of(node)
             .map_err(|source| NodeError::InvalidRecord {
                 node: node_name(node).to_string(),
@@ -519,7 +543,7 @@ pub async fn read_record(api: &Api<Node>, name: &str) -> Result<Option<DrainReco
 /// nodes cordoned by anyone (it is `kubectl uncordon` plus nodedrain's cleanup). Returns whether
 /// anything had to change.
 pub async fn release(api: &Api<Node>, name: &str) -> Result<bool, NodeError> {
-    patch_with_retry(api, name, |node| Ok(release_patch(node)))
+    patch_with_retry(api, name, None, |node| Ok(release_patch(node)))
         .await
         .map(|(_, changed)| changed)
 }

@@ -249,9 +249,9 @@ impl Drainer {
 
         // Every node is prepared before any pod of any node is touched.
         let prepared = futures::future::try_join_all(
-            nodes
+            fetched
                 .iter()
-                .map(|name| node::prepare(&node_api, name, &record)),
+                .map(|node| node::prepare_from(&node_api, node, &record)),
         )
         .await?;
         let mut side = JoinSet::new();
@@ -272,7 +272,6 @@ impl Drainer {
                 ),
             );
         }
-        drop(fetched);
 
         let snapshot = match self.snapshot(&nodes).await {
             Ok(snapshot) => snapshot,
@@ -630,14 +629,23 @@ struct StepRun {
     /// Retry no later than this, whatever the budget says (the backoff safety net).
     retry_at: Option<Instant>,
     backoff: Option<ExponentialBackoff>,
+    /// The last backoff delay taken: once it reaches `retry_max`, a retry is sent even when the
+    /// PDB's status says it would be refused (the safety net against a view gone wrong).
+    last_delay: Duration,
     in_flight: bool,
     /// The PDB an in-flight eviction was counted against.
     gate: Option<PdbKey>,
     /// The gate PDB's `disruptionsAllowed` when the in-flight eviction was sent.
     gate_allowed: Option<i32>,
+    /// PDBs whose selector covers the pod; `None` until computed or after a PDB in the
+    /// namespace appeared, went or changed its selector.
+    covering: Option<Vec<PdbKey>>,
     /// Last blocker reported, so each distinct one is reported once.
     blocker: Option<Blocker>,
     overridden: bool,
+    /// Set when the deadline forced a deletion: what the pod was deleted past (kept for a
+    /// retry of that deletion).
+    override_blocker: Option<Option<Blocker>>,
     completed: bool,
 }
 
@@ -679,11 +687,14 @@ impl NodeRun {
                     try_now: false,
                     retry_at: None,
                     backoff: None,
+                    last_delay: Duration::ZERO,
                     in_flight: false,
                     gate: None,
                     gate_allowed: None,
+                    covering: None,
                     blocker: None,
                     overridden: false,
+                    override_blocker: None,
                     completed: false,
                 }
             })
@@ -819,6 +830,7 @@ struct Engine<'a> {
     progress: mpsc::Sender<ProgressEvent>,
     backoff: ExponentialBuilder,
     multiple_pdb_recheck: Duration,
+    retry_max: Duration,
     disable_eviction: bool,
     drain_started: Timestamp,
     fatal: Option<DrainError>,
@@ -946,6 +958,7 @@ impl<'a> Engine<'a> {
                 .with_jitter()
                 .without_max_times(),
             multiple_pdb_recheck: config.multiple_pdb_recheck,
+            retry_max: config.retry_max,
             disable_eviction: request.options.disable_eviction,
             drain_started: Timestamp::now(),
             fatal: None,
@@ -1017,10 +1030,13 @@ impl<'a> Engine<'a> {
     fn next_backoff(&mut self, node: usize, step: usize) -> Duration {
         let builder = self.backoff;
         let s = &mut self.nodes[node].steps[step];
-        s.backoff
+        let delay = s
+            .backoff
             .get_or_insert_with(|| builder.build())
             .next()
-            .unwrap_or(Duration::from_secs(15))
+            .unwrap_or(self.retry_max);
+        s.last_delay = delay;
+        delay
     }
 
     // --- starting steps ---
@@ -1263,13 +1279,29 @@ impl<'a> Engine<'a> {
 
     // --- requests ---
 
-    fn gate(&self, pod: &Pod) -> Gate {
+    /// The PDBs covering step `i` of node `n`, from the cache when it is current.
+    fn covering(&mut self, n: usize, i: usize) -> Vec<PdbKey> {
+        if let Some(keys) = &self.nodes[n].steps[i].covering {
+            return keys.clone();
+        }
+        let pod = &self.nodes[n].steps[i].pod;
         let namespace = pod_ns(pod);
-        let matching: Vec<(&PdbKey, &PdbLive)> = self
+        let keys: Vec<PdbKey> = self
             .pdbs
             .range((namespace.to_string(), String::new())..)
             .take_while(|((ns, _), _)| ns == namespace)
             .filter(|(_, live)| policy::pdb_matches_pod(&live.pdb, pod))
+            .map(|(key, _)| key.clone())
+            .collect();
+        self.nodes[n].steps[i].covering = Some(keys.clone());
+        keys
+    }
+
+    fn gate(&mut self, n: usize, i: usize) -> Gate {
+        let covering = self.covering(n, i);
+        let matching: Vec<(&PdbKey, &PdbLive)> = covering
+            .iter()
+            .filter_map(|key| self.pdbs.get_key_value(key))
             .collect();
         match matching.as_slice() {
             [] => Gate::Open,
@@ -1304,16 +1336,22 @@ impl<'a> Engine<'a> {
                     .grace_at(StepIndex(i), now_ts)
                     .unwrap_or(1);
                 if step.phase == StepPhase::Delete {
-                    self.push_delete(n, i, grace, None);
+                    let overriding = step.override_blocker.clone();
+                    self.push_delete(n, i, grace, overriding);
                     continue;
                 }
-                let gate = self.gate(&self.nodes[n].steps[i].pod);
+                let gate = self.gate(n, i);
                 let gate = match gate {
                     Gate::Open => None,
                     Gate::Pdb(key) => Some(key),
-                    Gate::Closed(blocker) if !due => {
+                    // The PDB's status says the eviction would be refused: wait for the PDB to
+                    // change (its watch sets try_now) or, on the backoff's schedule, skip the
+                    // request until the backoff reaches its cap, then ask anyway.
+                    Gate::Closed(blocker)
+                        if !due || self.nodes[n].steps[i].last_delay < self.retry_max =>
+                    {
                         self.nodes[n].steps[i].try_now = false;
-                        if self.nodes[n].steps[i].retry_at.is_none() {
+                        if due || self.nodes[n].steps[i].retry_at.is_none() {
                             let delay = self.next_backoff(n, i);
                             self.nodes[n].steps[i].retry_at = Some(now + delay);
                         }
@@ -1375,6 +1413,7 @@ impl<'a> Engine<'a> {
         if overriding.is_some() {
             step.overridden = true;
             step.phase = StepPhase::Delete;
+            step.override_blocker = overriding.clone();
         }
         let namespace = step.key.namespace.clone();
         let name = step.key.name.clone();
@@ -1468,7 +1507,7 @@ impl<'a> Engine<'a> {
                         );
                     }
                     Ok(EvictOutcome::MultiplePdbs { .. }) => {
-                        let names = self.matching_pdb_names(&self.nodes[n].steps[i].pod);
+                        let names = self.matching_pdb_names(n, i);
                         self.nodes[n].steps[i].retry_at = Some(now + self.multiple_pdb_recheck);
                         self.block(n, i, Blocker::MultiplePdbs { names });
                     }
@@ -1570,11 +1609,10 @@ impl<'a> Engine<'a> {
         );
     }
 
-    fn matching_pdb_names(&self, pod: &Pod) -> Vec<String> {
-        self.pdbs
-            .values()
-            .filter(|l| policy::pdb_matches_pod(&l.pdb, pod))
-            .map(PdbLive::name)
+    fn matching_pdb_names(&mut self, n: usize, i: usize) -> Vec<String> {
+        self.covering(n, i)
+            .into_iter()
+            .map(|(_, name)| name)
             .collect()
     }
 
@@ -1821,7 +1859,7 @@ impl<'a> Engine<'a> {
                         .collect();
                     for key in gone {
                         self.pdbs.remove(&key);
-                        self.pdb_changed(&key);
+                        self.pdb_changed(&key, true);
                     }
                 }
             }
@@ -1829,7 +1867,7 @@ impl<'a> Engine<'a> {
             watcher::Event::Delete(pdb) => {
                 let key = pdb_key(&pdb);
                 self.pdbs.remove(&key);
-                self.pdb_changed(&key);
+                self.pdb_changed(&key, true);
             }
         }
     }
@@ -1842,10 +1880,13 @@ impl<'a> Engine<'a> {
             .and_then(|s| s.disrupted_pods.as_ref())
             .map(|d| d.keys().cloned().collect())
             .unwrap_or_default();
-        match self.pdbs.get_mut(&key) {
+        let selector = |p: &PodDisruptionBudget| p.spec.as_ref().and_then(|s| s.selector.clone());
+        let membership_changed = match self.pdbs.get_mut(&key) {
             Some(live) => {
+                let changed = selector(&live.pdb) != selector(&pdb);
                 live.pdb = pdb;
                 live.unseen.retain(|name| !disrupted.contains(name));
+                changed
             }
             None => {
                 self.pdbs.insert(
@@ -1856,24 +1897,37 @@ impl<'a> Engine<'a> {
                         unseen: BTreeSet::new(),
                     },
                 );
+                true
             }
-        }
-        self.pdb_changed(&key);
+        };
+        self.pdb_changed(&key, membership_changed);
     }
 
-    /// A PDB appeared, changed or went: blocked evictions in its namespace may pass now. The
-    /// gate lets only as many through as the budget allows.
-    fn pdb_changed(&mut self, key: &PdbKey) {
+    /// A PDB changed. When it appeared, went or changed its selector, every pod of its
+    /// namespace may be covered differently: their caches are dropped and blocked evictions
+    /// retried. When only its status changed, the evictions it blocked are retried if its budget
+    /// allows any; the gate then lets only as many through as the budget allows.
+    fn pdb_changed(&mut self, key: &PdbKey, membership_changed: bool) {
+        let budget = self.pdbs.get(key).and_then(PdbLive::budget);
         for run in &mut self.nodes {
             for step in &mut run.steps {
-                if step.phase == StepPhase::Evict
-                    && !step.in_flight
-                    && step.key.namespace == key.0
-                    && matches!(
-                        step.blocker,
-                        Some(Blocker::Pdb { .. } | Blocker::MultiplePdbs { .. })
-                    )
-                {
+                if step.key.namespace != key.0 {
+                    continue;
+                }
+                if membership_changed {
+                    step.covering = None;
+                }
+                if step.phase != StepPhase::Evict || step.in_flight {
+                    continue;
+                }
+                let retry = match &step.blocker {
+                    Some(Blocker::MultiplePdbs { .. }) => membership_changed,
+                    Some(Blocker::Pdb { name, .. }) => {
+                        membership_changed || (*name == key.1 && budget.is_none_or(|b| b > 0))
+                    }
+                    _ => false,
+                };
+                if retry {
                     step.try_now = true;
                 }
             }
