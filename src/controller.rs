@@ -428,6 +428,12 @@ pub fn merge_records(current: DrainRecord, fresh: DrainRecord) -> DrainRecord {
     }
 }
 
+/// Whether two records ask for the same drain: a redelivery or a resume carries the running
+/// record's start and phase, which must not restart it.
+fn same_urgency(a: &DrainRecord, b: &DrainRecord) -> bool {
+    a.deadline == b.deadline && a.voluntary == b.voluntary && a.lifecycle_hook == b.lifecycle_hook
+}
+
 /// Starts a drain task for `node`. If one runs already with the same record nothing happens;
 /// with a more urgent record (merged by [`merge_records`]) the running one is cancelled and the
 /// new one starts when it has stopped.
@@ -447,7 +453,7 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
     let previous = {
         let mut draining = shared.draining.lock().unwrap_or_else(|e| e.into_inner());
         match draining.get(&node) {
-            Some(existing) if existing.record == record => return,
+            Some(existing) if same_urgency(&existing.record, &record) => return,
             _ => draining.insert(node.clone(), running),
         }
     };
@@ -797,5 +803,54 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: &str, deadline: Option<i64>, voluntary: bool, started: i64) -> DrainRecord {
+        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        DrainRecord {
+            deadline: deadline.map(at),
+            voluntary,
+            kind: kind.to_string(),
+            ..DrainRecord::manual(at(started), None)
+        }
+    }
+
+    #[test]
+    fn a_redelivery_is_the_same_drain_and_keeps_its_start() {
+        let mut running = record("spot-interruption", Some(120), false, 0);
+        running.phase = Phase::Draining;
+        let merged = merge_records(
+            running.clone(),
+            record("spot-interruption", Some(120), false, 5),
+        );
+        assert_eq!(merged.started, running.started);
+        assert_eq!(merged.phase, Phase::Draining);
+        assert!(same_urgency(
+            &merged,
+            &record("spot-interruption", Some(120), false, 0)
+        ));
+    }
+
+    #[test]
+    fn a_spot_warning_after_a_rebalance_makes_the_drain_involuntary_with_its_deadline() {
+        let rebalance = record("rebalance-recommendation", None, true, 0);
+        let spot = record("spot-interruption", Some(130), false, 10);
+        let merged = merge_records(rebalance.clone(), spot);
+        assert!(!merged.voluntary);
+        assert_eq!(merged.kind, "spot-interruption");
+        assert_eq!(merged.started, rebalance.started);
+        assert!(!same_urgency(&merged, &rebalance));
+        // The earlier deadline wins whichever message comes second.
+        let later = merge_records(
+            merged.clone(),
+            record("scheduled-change", Some(900), false, 20),
+        );
+        assert_eq!(later.deadline, merged.deadline);
+        assert_eq!(later.kind, "spot-interruption");
     }
 }
