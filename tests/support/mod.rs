@@ -9,7 +9,6 @@ pub mod json_schema;
 
 pub mod aws;
 
-
 pub mod drain;
 
 pub mod controller;
