@@ -9,6 +9,8 @@ pub mod json_schema;
 
 pub mod aws;
 
+pub mod chart;
+
 pub mod drain;
 
 pub mod controller;
