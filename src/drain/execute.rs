@@ -732,9 +732,15 @@ struct PdbLive {
     pdb: PodDisruptionBudget,
     /// Evictions counted against this PDB whose answer has not come back.
     in_flight: i32,
-    /// Pods we evicted that the PDB's status does not list in `disruptedPods` yet, so its
-    /// `disruptionsAllowed` does not account for them.
+    /// Pods we evicted whose eviction no status we have seen accounts for yet, so
+    /// `disruptionsAllowed` is too high by their number. An eviction writes the PDB status with
+    /// the pod in `disruptedPods` before it answers; every later status (the disruption
+    /// controller drops the pod from that map once it is terminating, and no longer counts it
+    /// healthy) accounts for it too.
     unseen: BTreeSet<String>,
+    /// Every pod name seen in `disruptedPods`: an eviction whose status update arrived before
+    /// its answer is never counted as unseen.
+    reflected: BTreeSet<String>,
 }
 
 impl PdbLive {
@@ -849,21 +855,11 @@ fn watch_error_is_fatal(error: &watcher::Error) -> Option<&kube::Error> {
     }
 }
 
-/// Whether two blockers say the same thing to a person (the apiserver's wording aside).
+/// Whether two blockers say the same thing to a person: the same PDB (whatever its count and
+/// the apiserver's wording, which change with every replacement), the same kind of API trouble.
 fn same_blocker(a: &Blocker, b: &Blocker) -> bool {
     match (a, b) {
-        (
-            Blocker::Pdb {
-                name: a,
-                disruptions_allowed: x,
-                ..
-            },
-            Blocker::Pdb {
-                name: b,
-                disruptions_allowed: y,
-                ..
-            },
-        ) => a == b && x == y,
+        (Blocker::Pdb { name: a, .. }, Blocker::Pdb { name: b, .. }) => a == b,
         (Blocker::Throttled { .. }, Blocker::Throttled { .. })
         | (Blocker::ApiError { .. }, Blocker::ApiError { .. }) => true,
         (a, b) => a == b,
@@ -876,6 +872,15 @@ fn pod_uid(pod: &Pod) -> Option<&str> {
 
 fn pod_ns(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or_default()
+}
+
+/// The pod names in the PDB's `status.disruptedPods`.
+fn disrupted_pods(pdb: &PodDisruptionBudget) -> BTreeSet<String> {
+    pdb.status
+        .as_ref()
+        .and_then(|s| s.disrupted_pods.as_ref())
+        .map(|d| d.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn pdb_key(pdb: &PodDisruptionBudget) -> PdbKey {
@@ -930,6 +935,7 @@ impl<'a> Engine<'a> {
                 (
                     pdb_key(&pdb),
                     PdbLive {
+                        reflected: disrupted_pods(&pdb),
                         pdb,
                         in_flight: 0,
                         unseen: BTreeSet::new(),
@@ -1463,7 +1469,10 @@ impl<'a> Engine<'a> {
                                         name: live.name(),
                                         disruptions_allowed: allowed,
                                     };
-                                    live.unseen.insert(self.nodes[n].steps[i].key.name.clone());
+                                    let name = &self.nodes[n].steps[i].key.name;
+                                    if !live.reflected.contains(name) {
+                                        live.unseen.insert(name.clone());
+                                    }
                                     seen
                                 });
                         let step = &mut self.nodes[n].steps[i];
@@ -1811,10 +1820,15 @@ impl<'a> Engine<'a> {
         run.progress.set(StepIndex(i), StepState::Gone);
         let name = step.key.name.clone();
         let namespace = step.key.namespace.clone();
-        for ((ns, _), live) in self.pdbs.iter_mut() {
-            if *ns == namespace {
-                live.unseen.remove(&name);
+        let mut freed = Vec::new();
+        for (key, live) in self.pdbs.iter_mut() {
+            if key.0 == namespace && live.unseen.remove(&name) {
+                freed.push(key.clone());
             }
+        }
+        // Its budget was held back for it: what was blocked on it may go now.
+        for key in freed {
+            self.pdb_changed(&key, false);
         }
         self.emit(n, i, PodChange::Gone { after, completed });
         let run = &mut self.nodes[n];
@@ -1874,18 +1888,14 @@ impl<'a> Engine<'a> {
 
     fn upsert_pdb(&mut self, pdb: PodDisruptionBudget) {
         let key = pdb_key(&pdb);
-        let disrupted: BTreeSet<String> = pdb
-            .status
-            .as_ref()
-            .and_then(|s| s.disrupted_pods.as_ref())
-            .map(|d| d.keys().cloned().collect())
-            .unwrap_or_default();
+        let disrupted = disrupted_pods(&pdb);
         let selector = |p: &PodDisruptionBudget| p.spec.as_ref().and_then(|s| s.selector.clone());
         let membership_changed = match self.pdbs.get_mut(&key) {
             Some(live) => {
                 let changed = selector(&live.pdb) != selector(&pdb);
                 live.pdb = pdb;
                 live.unseen.retain(|name| !disrupted.contains(name));
+                live.reflected.extend(disrupted);
                 changed
             }
             None => {
@@ -1895,6 +1905,7 @@ impl<'a> Engine<'a> {
                         pdb,
                         in_flight: 0,
                         unseen: BTreeSet::new(),
+                        reflected: disrupted,
                     },
                 );
                 true
@@ -2086,6 +2097,73 @@ mod tests {
             vec!["a".to_string(), "b".to_string()]
         );
         assert!(matches!(dedupe(&[]), Err(DrainError::NoNodes)));
+    }
+
+    fn pdb_with(allowed: i32, disrupted: &[&str]) -> PodDisruptionBudget {
+        let disrupted: serde_json::Map<String, serde_json::Value> = disrupted
+            .iter()
+            .map(|name| (name.to_string(), "2026-01-01T00:00:00Z".into()))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "generation": 1},
+            "status": {
+                "disruptionsAllowed": allowed,
+                "observedGeneration": 1,
+                "currentHealthy": 3, "desiredHealthy": 2, "expectedPods": 3,
+                "disruptedPods": disrupted,
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_budget_counts_evictions_the_status_does_not_show_yet() {
+        let mut live = PdbLive {
+            pdb: pdb_with(2, &[]),
+            in_flight: 1,
+            unseen: BTreeSet::new(),
+            reflected: BTreeSet::new(),
+        };
+        assert_eq!(live.budget(), Some(1), "one eviction on its way");
+        live.in_flight = 0;
+        live.unseen.insert("web-1".into());
+        assert_eq!(live.budget(), Some(1), "answered, not yet in the status");
+        // The status written by that eviction lists the pod and already counts it.
+        live.pdb = pdb_with(1, &["web-1"]);
+        live.unseen
+            .retain(|n| !disrupted_pods(&live.pdb).contains(n));
+        assert_eq!(live.budget(), Some(1));
+        // A status the disruption controller has not computed for the current spec says nothing.
+        live.pdb.metadata.generation = Some(2);
+        assert_eq!(live.allowed(), None);
+        assert_eq!(live.budget(), None);
+    }
+
+    #[test]
+    fn blockers_repeat_only_when_they_say_something_new() {
+        let pdb = |allowed, message: Option<&str>| Blocker::Pdb {
+            name: "web".into(),
+            disruptions_allowed: Some(allowed),
+            message: message.map(String::from),
+        };
+        assert!(same_blocker(
+            &pdb(0, None),
+            &pdb(1, Some("needs 2 healthy pods"))
+        ));
+        assert!(!same_blocker(
+            &pdb(0, None),
+            &Blocker::MultiplePdbs {
+                names: vec!["a".into(), "b".into()]
+            }
+        ));
+        assert!(same_blocker(
+            &Blocker::ApiError {
+                message: "a".into()
+            },
+            &Blocker::ApiError {
+                message: "b".into()
+            }
+        ));
     }
 
     #[test]
