@@ -48,7 +48,8 @@ const RETRY_DELAY: Duration = Duration::from_secs(10);
 /// or more from expiring while the drain runs.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
-/// How often nodes that survived a rebalance recommendation are looked at.
+/// How often nodes that survived a rebalance recommendation are looked at, at most: a short
+/// uncordon-after is looked at four times as often as it lasts, so it is kept to within a quarter.
 const REBALANCE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Concurrent node preparations in one batch: enough to cordon a burst of 200 nodes in a few
@@ -766,13 +767,16 @@ async fn delete_node_claim(shared: &Shared, name: &str) -> bool {
 
 /// Uncordons nodes that survived a rebalance recommendation for longer than configured.
 async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
-    let Some(after) = shared.config.behaviour.rebalance_uncordon_after else {
+    let Some(after_std) = shared.config.behaviour.rebalance_uncordon_after else {
         return;
     };
-    let Ok(after) = SignedDuration::try_from(after) else {
+    let Ok(after) = SignedDuration::try_from(after_std) else {
         return;
     };
-    let mut interval = tokio::time::interval(REBALANCE_SWEEP_INTERVAL);
+    let period = REBALANCE_SWEEP_INTERVAL
+        .min(after_std / 4)
+        .max(Duration::from_secs(1));
+    let mut interval = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = term.cancelled() => return,
