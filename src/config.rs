@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, ValueEnum};
 
 use crate::cli::{ClientArgs, parse_duration};
+use crate::drain::policy::parse_label_selector;
 use crate::interruption::sqs::{IntakeConfig, MalformedPolicy};
 use crate::leader::LeaseConfig;
 use crate::resolve::ManagedTag;
@@ -59,6 +60,15 @@ pub struct KubeArgs {
     /// handlers take minutes to cordon 50 nodes.
     #[arg(long = "qps", env = "NODEDRAIN_QPS", default_value_t = 100.0)]
     pub qps: f64,
+    /// A separate budget, in requests per second, for cordoning nodes (one patch per node), so
+    /// that the evictions of running drains never hold a cordon back. A burst of this many
+    /// interruptions is cordoned within the same second.
+    #[arg(
+        long = "cordon-qps",
+        env = "NODEDRAIN_CORDON_QPS",
+        default_value_t = 250.0
+    )]
+    pub cordon_qps: f64,
 }
 
 /// Where interruptions come from.
@@ -175,6 +185,11 @@ pub struct BehaviourArgs {
     /// Cluster drain policy file (namespace and label selectors to strategy and order).
     #[arg(long, env = "NODEDRAIN_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Only manage nodes matching this label selector (kubectl syntax, e.g.
+    /// `karpenter.sh/capacity-type=spot`). Other nodes are not watched, not resumed and not
+    /// drained: an interruption for their instances counts as "node not found".
+    #[arg(long, env = "NODEDRAIN_NODE_SELECTOR", value_name = "SELECTOR")]
+    pub node_selector: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -227,6 +242,8 @@ pub struct ControllerConfig {
     pub client: ClientArgs,
     /// Invariant: finite and positive.
     pub qps: f64,
+    /// Invariant: finite and positive.
+    pub cordon_qps: f64,
     pub intake: IntakeConfig,
     pub aws: AwsConfig,
     /// `None` when leader election is off (`--leader-elect=false`): this replica always acts.
@@ -294,6 +311,8 @@ pub struct Behaviour {
     pub managed_tag: Option<ManagedTag>,
     pub karpenter_handoff: bool,
     pub policy: Option<PathBuf>,
+    /// Checked to parse; passed to the apiserver as written.
+    pub node_selector: Option<String>,
 }
 
 /// A setting that cannot work, with the flag and variable that set it and what to change.
@@ -327,6 +346,10 @@ pub enum ConfigError {
     InvalidEndpoint(String),
     #[error("--qps / NODEDRAIN_QPS must be a positive number, got {0}")]
     InvalidQps(f64),
+    #[error("--cordon-qps / NODEDRAIN_CORDON_QPS must be a positive number, got {0}")]
+    InvalidCordonQps(f64),
+    #[error("--node-selector / NODEDRAIN_NODE_SELECTOR {value:?}: {problem}")]
+    InvalidNodeSelector { value: String, problem: String },
     #[error("--receivers / NODEDRAIN_RECEIVERS must be between 1 and {MAX_RECEIVERS}, got {0}")]
     InvalidReceivers(usize),
     #[error(
@@ -382,6 +405,10 @@ impl ControllerArgs {
         if !(qps.is_finite() && qps > 0.0) {
             return Err(ConfigError::InvalidQps(qps));
         }
+        let cordon_qps = self.kube.cordon_qps;
+        if !(cordon_qps.is_finite() && cordon_qps > 0.0) {
+            return Err(ConfigError::InvalidCordonQps(cordon_qps));
+        }
         let queue_url = self
             .queue
             .queue_url
@@ -400,6 +427,7 @@ impl ControllerArgs {
         Ok(ControllerConfig {
             client: self.client.clone(),
             qps,
+            cordon_qps,
             intake,
             aws,
             lease,
@@ -547,6 +575,16 @@ impl ControllerArgs {
                     }
                 })?),
             };
+        let node_selector = match b.node_selector.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(v) => {
+                parse_label_selector(v).map_err(|e| ConfigError::InvalidNodeSelector {
+                    value: v.to_string(),
+                    problem: e.to_string(),
+                })?;
+                Some(v.to_string())
+            }
+        };
         Ok(Behaviour {
             rebalance: b.rebalance,
             rebalance_uncordon_after: (!b.rebalance_uncordon_after.is_zero())
@@ -557,6 +595,7 @@ impl ControllerArgs {
             managed_tag,
             karpenter_handoff: b.karpenter_handoff,
             policy: b.policy.clone(),
+            node_selector,
         })
     }
 }
@@ -665,6 +704,7 @@ mod tests {
             ("--lease-namespace", &mut args.lease.lease_namespace),
             ("--identity", &mut args.lease.identity),
             ("--managed-tag", &mut args.behaviour.managed_tag),
+            ("--node-selector", &mut args.behaviour.node_selector),
         ] {
             if !extra.contains(&flag) {
                 *field = None;
@@ -719,6 +759,8 @@ mod tests {
         assert_eq!(b.deadline_margin, crate::drain::plan::DEFAULT_MARGIN);
         assert_eq!(b.managed_tag, None);
         assert!(b.karpenter_handoff);
+        assert_eq!(b.node_selector, None);
+        assert_eq!(c.cordon_qps, 250.0);
         assert_eq!(c.admin_addr, "0.0.0.0:8080".parse().unwrap());
     }
 
@@ -727,6 +769,10 @@ mod tests {
         let c = validate(&args(&[
             "--qps",
             "20",
+            "--cordon-qps",
+            "40",
+            "--node-selector",
+            "karpenter.sh/capacity-type=spot,team notin (batch)",
             "--receivers",
             "8",
             "--visibility-timeout",
@@ -774,6 +820,11 @@ mod tests {
         ]))
         .expect("valid");
         assert_eq!(c.qps, 20.0);
+        assert_eq!(c.cordon_qps, 40.0);
+        assert_eq!(
+            c.behaviour.node_selector.as_deref(),
+            Some("karpenter.sh/capacity-type=spot,team notin (batch)")
+        );
         assert_eq!(c.intake.receivers, 8);
         assert_eq!(c.intake.visibility_timeout, Duration::from_secs(120));
         assert_eq!(c.intake.malformed, MalformedPolicy::DeadLetter);
@@ -915,6 +966,9 @@ mod tests {
             (vec!["--visibility-timeout", "13h"], "between 10s and 12h"),
             (vec!["--visibility-timeout", "10500ms"], "whole seconds"),
             (vec!["--qps", "0"], "--qps"),
+            (vec!["--cordon-qps", "0"], "--cordon-qps"),
+            (vec!["--node-selector", "team in ("], "--node-selector"),
+            (vec!["--node-selector", "a==b=c"], "NODEDRAIN_NODE_SELECTOR"),
             (
                 vec!["--lease-duration", "10s", "--lease-renew-deadline", "10s"],
                 "need --lease-duration (10s) > --lease-renew-deadline (10s)",

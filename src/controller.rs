@@ -79,6 +79,8 @@ pub enum ControllerError {
 /// Everything a leader term's tasks share.
 struct Shared {
     nodes: Api<Node>,
+    /// The same nodes through the cordon client (see [`run`]).
+    cordon_nodes: Api<Node>,
     client: Client,
     drainer: Drainer,
     resolver: Resolver,
@@ -102,6 +104,10 @@ pub async fn run(
     let policy = load_policy(&config)?;
     let kube_config = kube_client::load_config(&config.client).await?;
     let default_namespace = kube_config.default_namespace.clone();
+    // Cordons get their own client and budget: a burst of interruptions is cordoned at once even
+    // while running drains spend the main budget on evictions.
+    let cordon_client =
+        kube_client::client_with_rate_limit(kube_config.clone(), config.cordon_qps)?;
     let client = kube_client::client_with_rate_limit(kube_config, config.qps)?;
 
     let mut registry = Registry::default();
@@ -116,8 +122,12 @@ pub async fn run(
     );
 
     let nodes: Api<Node> = Api::all(client.clone());
-    let (node_watch, watch_future) =
-        NodeWatch::new(nodes.clone(), Some(readiness.clone()), shutdown.clone());
+    let (node_watch, watch_future) = NodeWatch::with_selector(
+        nodes.clone(),
+        config.behaviour.node_selector.clone(),
+        Some(readiness.clone()),
+        shutdown.clone(),
+    );
     tokio::spawn(watch_future.instrument(info_span!("node_watch")));
 
     let aws = config.aws.load().await;
@@ -165,6 +175,7 @@ pub async fn run(
 
     let shared = Arc::new(Shared {
         nodes,
+        cordon_nodes: Api::all(cordon_client),
         client,
         drainer,
         resolver,
@@ -335,7 +346,13 @@ async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec
     // not land on another that is about to go.
     let prepared: Vec<(Target, bool)> = futures::stream::iter(targets)
         .map(|target| async move {
-            let ok = match node::prepare(&shared.nodes, &target.node, &target.record).await {
+            // The watch's copy saves a read; if it is stale the patch gets a 409 and is redone
+            // from a fresh one.
+            let prepared = match shared.watch.store().get(&ObjectRef::new(&target.node)) {
+                Some(cached) => node::prepare_from(&shared.cordon_nodes, &cached, &target.record).await,
+                None => node::prepare(&shared.cordon_nodes, &target.node, &target.record).await,
+            };
+            let ok = match prepared {
                 Ok(_) => {
                     let latency = Timestamp::now().duration_since(target.event_time).as_secs_f64();
                     shared.metrics.event_to_cordon(target.kind, latency);

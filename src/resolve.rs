@@ -324,6 +324,17 @@ impl NodeWatch {
         readiness: Option<Readiness>,
         cancel: CancellationToken,
     ) -> (NodeWatch, impl Future<Output = ()> + Send + 'static) {
+        NodeWatch::with_selector(api, None, readiness, cancel)
+    }
+
+    /// [`NodeWatch::new`] for only the nodes matching `label_selector` (kubectl syntax): the
+    /// others are neither indexed nor kept.
+    pub fn with_selector(
+        api: Api<Node>,
+        label_selector: Option<String>,
+        readiness: Option<Readiness>,
+        cancel: CancellationToken,
+    ) -> (NodeWatch, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let index = Arc::new(RwLock::new(NodeIndex::default()));
         let (ready_tx, ready) = watch::channel(false);
@@ -336,7 +347,11 @@ impl NodeWatch {
             ready,
         };
         let run = async move {
-            let stream = watcher(api, watcher::Config::default())
+            let mut config = watcher::Config::default();
+            if let Some(selector) = &label_selector {
+                config = config.labels(selector);
+            }
+            let stream = watcher(api, config)
                 .default_backoff()
                 .modify(trim)
                 .reflect(writer);

@@ -39,6 +39,7 @@ interruptions:
   asgDrainTimeout: 1h30m
   deadlineMargin: 15s
   managedTag: kubernetes.io/cluster/prod=owned
+  nodeSelector: "karpenter.sh/capacity-type=spot,team notin (batch)"
 karpenter:
   handoff: false
 policy:
@@ -52,6 +53,7 @@ policy:
   existingConfigMap: ""
 kubernetesApi:
   qps: 250.5
+  cordonQps: 400
 leaderElection:
   enabled: true
   leaseName: nodedrain-prod
@@ -289,6 +291,7 @@ fn defaults_render_a_least_privilege_ha_controller() {
         ("NODEDRAIN_KARPENTER_HANDOFF", "true"),
         ("NODEDRAIN_POLICY", "/etc/nodedrain/policy/policy.yaml"),
         ("NODEDRAIN_QPS", "100"),
+        ("NODEDRAIN_CORDON_QPS", "250"),
         ("NODEDRAIN_LEADER_ELECT", "true"),
         ("NODEDRAIN_LEASE_NAME", "nodedrain"),
         ("NODEDRAIN_LEASE_NAMESPACE", "nodedrain"),
@@ -475,8 +478,13 @@ fn every_option_renders_where_it_belongs() {
         ("NODEDRAIN_ASG_DRAIN_TIMEOUT", "1h30m"),
         ("NODEDRAIN_DEADLINE_MARGIN", "15s"),
         ("NODEDRAIN_MANAGED_TAG", "kubernetes.io/cluster/prod=owned"),
+        (
+            "NODEDRAIN_NODE_SELECTOR",
+            "karpenter.sh/capacity-type=spot,team notin (batch)",
+        ),
         ("NODEDRAIN_KARPENTER_HANDOFF", "false"),
         ("NODEDRAIN_QPS", "250.5"),
+        ("NODEDRAIN_CORDON_QPS", "400"),
         ("NODEDRAIN_LEASE_NAME", "nodedrain-prod"),
         ("NODEDRAIN_LEASE_NAMESPACE", "platform"),
         ("NODEDRAIN_LEASE_DURATION", "30s"),
