@@ -153,7 +153,7 @@ pub struct AdminArgs {
 #[command(next_help_heading = "Behaviour")]
 pub struct BehaviourArgs {
     /// What a rebalance recommendation does: only cordon the node, drain it (PDBs always
-    /// respected), or drain it surging replacements first so capacity moves before it is lost.
+    /// respected), or drain it, surging the single replicas a PDB holds, and hand it to Karpenter.
     #[arg(long, env = "NODEDRAIN_REBALANCE", value_enum, default_value_t = RebalanceMode::CordonOnly)]
     pub rebalance: RebalanceMode,
     /// A node still alive this long after a rebalance recommendation is uncordoned and cleaned
@@ -216,8 +216,8 @@ pub enum RebalanceMode {
     CordonOnly,
     /// Drain as a voluntary drain: PDBs are never overridden.
     Drain,
-    /// Drain, surging a Ready replacement before evicting each Deployment pod, then hand the node
-    /// over (Karpenter NodeClaim) once the replacements are Ready.
+    /// Drain; a Deployment pod its PDB holds (a single replica) is surged instead of waited on.
+    /// Then hand the empty node over to Karpenter (delete its NodeClaim).
     DrainAndHandover,
 }
 

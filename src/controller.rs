@@ -556,6 +556,9 @@ async fn drain_and_hand_over(
         force: true,
         voluntary: record.voluntary,
         margin: shared.config.behaviour.deadline_margin,
+        // A rebalance handed over to Karpenter has time to move a single replica first.
+        surge_when_blocked: kind == Some(InterruptionKind::RebalanceRecommendation)
+            && shared.config.behaviour.rebalance == RebalanceMode::DrainAndHandover,
         ..PlanOptions::default()
     };
     let request = DrainRequest {

@@ -109,6 +109,11 @@ pub struct PlanOptions {
     pub margin: Duration,
     /// `--pod-selector`: pods not matching are left alone (ignored, not refused).
     pub pod_selector: Option<LabelSelectorExpr>,
+    /// Surge, rather than evict, a Deployment pod whose only PDB allows no disruption right now
+    /// (a single replica under `minAvailable: 1`), unless an annotation or policy rule chose its
+    /// strategy. For drains with time to spare (a rebalance recommendation handed over to
+    /// Karpenter): the pod moves without downtime instead of waiting on its PDB.
+    pub surge_when_blocked: bool,
 }
 
 /// See [`PlanOptions::margin`].
@@ -125,6 +130,7 @@ impl Default for PlanOptions {
             voluntary: true,
             margin: DEFAULT_MARGIN,
             pod_selector: None,
+            surge_when_blocked: false,
         }
     }
 }
@@ -735,6 +741,7 @@ fn dispose(
     }
 
     let owner = owner_summary(pod, namespace, input.owners);
+    let strategy_is_default = resolved.strategy_is_default;
     let mut reason = resolved.strategy_reason;
     let mut strategy = resolved.strategy;
     if strategy == Strategy::Surge && owner.as_ref().is_none_or(|o| o.kind != "Deployment") {
@@ -788,6 +795,20 @@ fn dispose(
         })
         .collect();
     matching.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    if options.surge_when_blocked
+        && strategy_is_default
+        && strategy == Strategy::Evict
+        && owner.as_ref().is_some_and(|o| o.kind == "Deployment")
+        && let [(pdb, pdb_ref)] = matching.as_slice()
+        && pdb_ref.disruptions_allowed == Some(0)
+        && !pdb_never_allows(pdb)
+    {
+        strategy = Strategy::Surge;
+        reason.push_str(&format!(
+            "; surge: PDB {} allows no eviction now and there is time to move it first",
+            pdb_ref.name
+        ));
+    }
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let blocker = if terminating {
         None
@@ -1226,6 +1247,66 @@ mod tests {
     }
 
     #[test]
+    fn surge_when_blocked_moves_only_default_deployment_pods_a_pdb_holds() {
+        let pod = |name: &str, controller: &str| {
+            PodBuilder::new("ns", name)
+                .label("app", name)
+                .controller("ReplicaSet", controller)
+        };
+        let mut f = Fixture::new(vec![
+            pod("single", "single-rs").build(),
+            pod("roomy", "roomy-rs").build(),
+            pod("frozen", "frozen-rs").build(),
+            pod("annotated", "annotated-rs")
+                .annotation(names::ANNOTATION_STRATEGY, "evict")
+                .build(),
+            pod("bare-rs", "orphan-rs").build(),
+        ]);
+        for name in ["single", "roomy", "frozen", "annotated"] {
+            f.owners.insert("ns", format!("{name}-rs"), name);
+        }
+        let sel = |app: &str| Some(match_labels(&[("app", app)]));
+        let mut frozen = pdb("ns", "frozen-pdb", sel("frozen"), Some(0));
+        frozen.spec = Some(PodDisruptionBudgetSpec {
+            selector: sel("frozen"),
+            max_unavailable: Some(IntOrString::Int(0)),
+            ..Default::default()
+        });
+        f.pdbs = vec![
+            pdb("ns", "single-pdb", sel("single"), Some(0)),
+            pdb("ns", "roomy-pdb", sel("roomy"), Some(1)),
+            frozen,
+            pdb("ns", "annotated-pdb", sel("annotated"), Some(0)),
+            pdb("ns", "bare-rs-pdb", sel("bare-rs"), Some(0)),
+        ];
+        let off = f.plan();
+        assert!(off.steps.iter().all(|s| s.strategy == Strategy::Evict));
+
+        f.options.surge_when_blocked = true;
+        let plan = f.plan();
+        let strategy = |name: &str| step(&plan, name).strategy;
+        assert_eq!(strategy("single"), Strategy::Surge);
+        assert_eq!(step(&plan, "single").blocker, None);
+        assert!(
+            step(&plan, "single")
+                .reason
+                .contains("PDB single-pdb allows no eviction")
+        );
+        assert_eq!(strategy("roomy"), Strategy::Evict, "its PDB lets it go now");
+        assert_eq!(
+            strategy("frozen"),
+            Strategy::Evict,
+            "a surge cannot unfreeze it"
+        );
+        assert_eq!(strategy("annotated"), Strategy::Evict, "its owner chose");
+        assert_eq!(
+            strategy("bare-rs"),
+            Strategy::Evict,
+            "no Deployment to restart"
+        );
+    }
+
+    #[test]
     fn grace_sources_and_precedence() {
         let mut f = Fixture::new(vec![
             PodBuilder::new("ns", "own").grace(90).build(),
@@ -1633,7 +1714,7 @@ mod tests {
                         DaemonSetHandling::Drain,
                     ][..],
                 ),
-                any::<(bool, bool, bool, bool)>(),
+                any::<(bool, bool, bool, bool, bool)>(),
                 proptest::option::of(-5i64..200),
                 0u64..30_000,
                 proptest::option::of(select(&["app", "app in (web,db)", "app!=dns", "!app"][..])),
@@ -1641,7 +1722,13 @@ mod tests {
                 .prop_map(
                     |(
                         daemonsets,
-                        (delete_emptydir_data, force, disable_eviction, voluntary),
+                        (
+                            delete_emptydir_data,
+                            force,
+                            disable_eviction,
+                            voluntary,
+                            surge_when_blocked,
+                        ),
                         grace_period_override,
                         margin_ms,
                         selector,
@@ -1656,6 +1743,7 @@ mod tests {
                             margin: Duration::from_millis(margin_ms),
                             pod_selector: selector
                                 .map(|s| policy::parse_label_selector(s).unwrap()),
+                            surge_when_blocked,
                         }
                     },
                 )

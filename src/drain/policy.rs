@@ -754,6 +754,8 @@ pub struct PodPolicy {
     /// Why this strategy, for humans: `annotation nodedrain.io/strategy=surge`,
     /// `cluster policy rules[2]`, `default`...
     pub strategy_reason: String,
+    /// No annotation, opt-out or policy rule chose the strategy.
+    pub strategy_is_default: bool,
     pub order: i32,
     /// Explicit grace (annotation, else policy rule), before any CLI override or deadline clamp;
     /// `None` means the pod's own.
@@ -811,6 +813,7 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     }
     let opt_out = (!opt_outs.is_empty()).then(|| opt_outs.join(", "));
 
+    let mut strategy_is_default = false;
     let (strategy, mut strategy_reason) = if let Some(strategy) = annotated_strategy {
         (
             strategy,
@@ -821,6 +824,7 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     } else if let Some((index, Some(strategy))) = rule.map(|(i, r)| (i, r.strategy)) {
         (strategy, format!("cluster policy rules[{index}]"))
     } else {
+        strategy_is_default = true;
         (Strategy::default(), "default".to_string())
     };
     if let (Some(opt_out), false, None) = (&opt_out, voluntary, annotated_strategy) {
@@ -859,6 +863,7 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     PodPolicy {
         strategy,
         strategy_reason,
+        strategy_is_default,
         order,
         grace_seconds,
         warnings,
