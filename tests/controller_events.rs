@@ -405,17 +405,26 @@ async fn rebalance_drain_and_handover_drains_and_deletes_the_node_claim() {
 }
 
 /// docs/configuration.md: `drain-and-handover` drains "with surge (a Ready replacement first
-/// for Deployment pods)", so a Deployment never has fewer Ready replicas than it asks for.
+/// for Deployment pods)". A single-replica Deployment shows it plainly: evicted, it has no Ready
+/// pod until the replacement is up; surged, it always has one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebalance_drain_and_handover_starts_replacements_before_evicting() {
+async fn rebalance_drain_and_handover_starts_the_replacement_before_evicting() {
     let _serial = LOCK.lock().await;
     let started = Instant::now();
     let (_sandbox, scope) = setup("rebal-surge").await;
     let sqs = sqs().await;
     let queue = create_queue(&sqs, "ctl-rebal-surge", &[]).await;
-    let (nodes, victim) = victim_with_pods(&scope).await;
+    let nodes = scope.nodes(2).await;
+    let victim = name_of(&nodes[0]);
+    // No strategy annotation: the mode alone must ask for the surge.
+    on_node(&scope, &nodes, &victim, || async {
+        deployment(&scope, "single", 1, 1, json!({})).await;
+        ready_pods(&scope.pods(), "app=single", 1, Duration::from_secs(30)).await;
+    })
+    .await;
+    wait_schedulable(&scope, &nodes).await;
     let claim = karpenter_node(&scope, &nodes[0]).await;
-    let (timeline, watcher) = watch_ready(&scope, "app=app");
+    let (timeline, watcher) = watch_ready(&scope, "app=single");
     let mut controller = start(
         "rebal-surge",
         &queue,
@@ -427,15 +436,18 @@ async fn rebalance_drain_and_handover_starts_replacements_before_evicting() {
     let id = event_id("rebal-surge");
     send(&sqs, &queue, &rebalance_body(&id, &instance_id(&nodes[0]))).await;
     wait_prepared(&scope, &victim, "rebalance-recommendation", &id).await;
-    assert_drained(&scope, &sqs, &queue, &victim, "handedOver").await;
+    wait_node_empty(&scope, &victim).await;
+    wait_phase(&scope, &victim, "handedOver").await;
+    ready_pods(&scope.pods(), "app=single", 1, Duration::from_secs(30)).await;
     watcher.abort();
-    let min = timeline.lock().unwrap().min_after_reaching(2);
+    let min = timeline.lock().unwrap().min_after_reaching(1);
     assert_eq!(
         min,
-        Some(2),
-        "surge keeps both replicas Ready throughout: {:?}",
+        Some(1),
+        "the replacement is Ready before the old pod goes: {:?}",
         timeline.lock().unwrap()
     );
+    wait_empty(&sqs, &queue, Duration::from_secs(15)).await;
     controller.assert_running();
 
     drop(controller);
