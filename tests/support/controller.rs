@@ -72,6 +72,84 @@ pub fn asg_direct_body(request_id: &str, instance: &str, token: &str) -> String 
     v.to_string()
 }
 
+/// A rebalance recommendation for `instance` sent now.
+pub fn rebalance_body(event_id: &str, instance: &str) -> String {
+    let mut v = fixture("rebalance-recommendation.json");
+    v["id"] = json!(event_id);
+    v["time"] = json!(now_rfc3339());
+    v["resources"] = json!([format!("arn:aws:ec2:us-east-1b:instance/{instance}")]);
+    v["detail"]["instance-id"] = json!(instance);
+    v.to_string()
+}
+
+/// An EC2 state-change notification: `instance` entered `state` at `time`.
+pub fn state_change_body(event_id: &str, instance: &str, state: &str, time: Timestamp) -> String {
+    let mut v = fixture("state-change-stopping.json");
+    v["id"] = json!(event_id);
+    v["time"] = json!(time.to_string());
+    v["resources"] = json!([format!(
+        "arn:aws:ec2:us-east-1:123456789012:instance/{instance}"
+    )]);
+    v["detail"]["instance-id"] = json!(instance);
+    v["detail"]["state"] = json!(state);
+    v.to_string()
+}
+
+/// A capacity-reservation interruption warning for `instance`, terminating at `termination`.
+pub fn capacity_reservation_body(event_id: &str, instance: &str, termination: Timestamp) -> String {
+    let mut v = fixture("capacity-reservation-interruption.json");
+    v["id"] = json!(event_id);
+    v["time"] = json!(now_rfc3339());
+    v["resources"] = json!([format!(
+        "arn:aws:ec2:us-east-1:123456789012:instance/{instance}"
+    )]);
+    v["detail"]["instance-id"] = json!(instance);
+    v["detail"]["instance-termination-time"] = json!(termination.to_string());
+    v.to_string()
+}
+
+/// An Auto Scaling terminate-hook event delivered by EventBridge for `instance`.
+pub fn asg_eventbridge_body(event_id: &str, instance: &str, token: &str) -> String {
+    let mut v = fixture("asg-terminate-lifecycle-eventbridge.json");
+    v["id"] = json!(event_id);
+    v["time"] = json!(now_rfc3339());
+    v["detail"]["EC2InstanceId"] = json!(instance);
+    v["detail"]["LifecycleActionToken"] = json!(token);
+    v.to_string()
+}
+
+/// The SNS notification fixture `name` with its `Message` (a JSON document in a string) edited
+/// by `edit`.
+fn sns_wrapped(name: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let mut v = fixture(name);
+    let mut inner: Value = serde_json::from_str(v["Message"].as_str().expect("SNS Message"))
+        .expect("SNS Message is JSON");
+    edit(&mut inner);
+    v["Message"] = json!(inner.to_string());
+    v["Timestamp"] = json!(now_rfc3339());
+    v.to_string()
+}
+
+/// A direct Auto Scaling terminate-hook notification for `instance`, wrapped in SNS.
+pub fn sns_asg_body(request_id: &str, instance: &str, token: &str) -> String {
+    sns_wrapped("sns-asg-terminate-lifecycle.json", |m| {
+        m["RequestId"] = json!(request_id);
+        m["Time"] = json!(now_rfc3339());
+        m["EC2InstanceId"] = json!(instance);
+        m["LifecycleActionToken"] = json!(token);
+    })
+}
+
+/// A spot warning for `instance` sent now, wrapped in SNS.
+pub fn sns_spot_body(event_id: &str, instance: &str) -> String {
+    sns_wrapped("sns-spot-interruption-warning.json", |m| {
+        m["id"] = json!(event_id);
+        m["time"] = json!(now_rfc3339());
+        m["resources"] = json!([format!("arn:aws:ec2:us-east-1a:instance/{instance}")]);
+        m["detail"]["instance-id"] = json!(instance);
+    })
+}
+
 pub fn instance_id(node: &Node) -> String {
     let provider = node
         .spec
@@ -482,4 +560,103 @@ pub async fn autoscaling_recorder(recorded: Recorded) -> String {
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{addr}")
+}
+
+/// The CompleteLifecycleAction requests the recording endpoint received.
+pub fn complete_lifecycle_actions(recorded: &Recorded) -> Vec<HashMap<String, String>> {
+    recorded
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("Action").map(String::as_str) == Some("CompleteLifecycleAction"))
+        .cloned()
+        .collect()
+}
+
+pub fn nodeclaim_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"),
+        "nodeclaims",
+    )
+}
+
+pub fn node_claims(client: &kube::Client) -> Api<kube::api::DynamicObject> {
+    Api::all_with(client.clone(), &nodeclaim_resource())
+}
+
+/// Installs a minimal Karpenter NodeClaim CRD (as far as nodedrain reads it) unless one exists,
+/// and waits until it is served. Never removed: other tests and runs share it.
+pub async fn ensure_nodeclaim_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::PostParams;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = "nodeclaims.karpenter.sh";
+    if crds.get_opt(name).await.expect("get crd").is_none() {
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "group": "karpenter.sh",
+                "scope": "Cluster",
+                "names": {"kind": "NodeClaim", "listKind": "NodeClaimList", "plural": "nodeclaims", "singular": "nodeclaim"},
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                }],
+            }
+        }))
+        .unwrap();
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("create NodeClaim CRD: {e}"),
+        }
+    }
+    let established = |crd: Option<&CustomResourceDefinition>| {
+        crd.and_then(|c| c.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        kube::runtime::wait::await_condition(crds, name, established),
+    )
+    .await
+    .expect("the NodeClaim CRD is established in time")
+    .expect("watch crd");
+    // Established can precede the first successful list by a moment.
+    let claims = node_claims(client);
+    for _ in 0..50 {
+        if claims.list(&ListParams::default().limit(1)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("NodeClaims are not served");
+}
+
+/// A NodeClaim `name` for `node`, with the status Karpenter gives it (set through the status
+/// subresource, which is what the apiserver keeps).
+pub async fn create_node_claim(client: &kube::Client, name: &str, node: &Node) {
+    use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+
+    let claims = node_claims(client);
+    let mut object = DynamicObject::new(name, &nodeclaim_resource());
+    object.data = json!({"spec": {"nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"}}});
+    claims
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create NodeClaim");
+    let status = json!({"status": {
+        "nodeName": node.metadata.name,
+        "providerID": node.spec.as_ref().and_then(|s| s.provider_id.clone()),
+    }});
+    claims
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("NodeClaim status");
 }
