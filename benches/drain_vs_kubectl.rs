@@ -35,34 +35,14 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
-use kube::runtime::wait::Condition as _;
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use support::drain::{deployment_with, name_of, node_of, pdb, wait_schedulable};
-use support::{Sandbox, Scope, is_pod_ready};
-use tokio::sync::watch;
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn env_list(key: &str, default: &str) -> Vec<String> {
-    std::env::var(key)
-        .unwrap_or_else(|_| default.to_string())
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
+use support::bench::{env_list, env_or, tail, wait_all_ready, wait_pdbs, watch_pods};
+use support::drain::{deployment_with, name_of, pdb, wait_schedulable};
+use support::{Sandbox, Scope};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
@@ -103,96 +83,6 @@ async fn apiserver_requests(client: &kube::Client) -> u64 {
         .filter_map(|l| l.rsplit(' ').next())
         .filter_map(|v| v.parse::<f64>().ok())
         .sum::<f64>() as u64
-}
-
-/// What the watcher saw during one run.
-#[derive(Default)]
-struct Seen {
-    /// Pods (uid → (node, deployment, ready and not terminating)).
-    pods: BTreeMap<String, (String, String, bool)>,
-    violations: usize,
-    min_margin: Option<i64>,
-    below: BTreeSet<String>,
-}
-
-/// Watches the namespace: reports through `empty` when no pod is left on `drained`, and counts
-/// PDB floor violations per Deployment (`floors`: app → minimum Ready).
-fn watch_pods(
-    scope: &Scope,
-    drained: BTreeSet<String>,
-    floors: BTreeMap<String, i64>,
-) -> (
-    Arc<Mutex<Seen>>,
-    watch::Receiver<Option<Instant>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (empty_tx, empty_rx) = watch::channel(None);
-    let api: Api<Pod> = scope.pods();
-    let shared = seen.clone();
-    let handle = tokio::spawn(async move {
-        let mut stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut initialised = false;
-        while let Some(event) = stream.next().await {
-            let Ok(event) = event else { continue };
-            let mut seen = shared.lock().unwrap();
-            match event {
-                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                    let app = p
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("app").cloned())
-                        .unwrap_or_default();
-                    let ready = p.metadata.deletion_timestamp.is_none()
-                        && is_pod_ready().matches_object(Some(&p));
-                    seen.pods.insert(
-                        p.metadata.uid.clone().unwrap_or_default(),
-                        (node_of(&p).unwrap_or_default(), app, ready),
-                    );
-                }
-                watcher::Event::Delete(p) => {
-                    seen.pods
-                        .remove(p.metadata.uid.as_deref().unwrap_or_default());
-                }
-                watcher::Event::InitDone => initialised = true,
-                watcher::Event::Init => {}
-            }
-            if !initialised {
-                continue;
-            }
-            let mut ready: BTreeMap<&str, i64> = BTreeMap::new();
-            for (_, app, is_ready) in seen.pods.values() {
-                if *is_ready {
-                    *ready.entry(app.as_str()).or_default() += 1;
-                }
-            }
-            let mut below = BTreeSet::new();
-            let mut min_margin: Option<i64> = seen.min_margin;
-            for (app, floor) in &floors {
-                let margin = ready.get(app.as_str()).copied().unwrap_or(0) - floor;
-                min_margin = Some(min_margin.map_or(margin, |m| m.min(margin)));
-                if margin < 0 {
-                    below.insert(app.clone());
-                }
-            }
-            let new = below.difference(&seen.below).count();
-            seen.violations += new;
-            seen.below = below;
-            seen.min_margin = min_margin;
-            let left = seen
-                .pods
-                .values()
-                .filter(|(node, _, _)| drained.contains(node))
-                .count();
-            if left == 0 && empty_tx.borrow().is_none() {
-                let _ = empty_tx.send(Some(Instant::now()));
-            }
-        }
-    });
-    (seen, empty_rx, handle)
 }
 
 /// Runs the tool to completion; returns (exit ok, its own request count).
@@ -257,60 +147,6 @@ fn run_tool(tool: Tool, nodes: &[String], kubeconfig: &std::path::Path) -> (bool
         }
     }
     (ok, requests)
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-async fn wait_all_ready(scope: &Scope, count: usize) {
-    let pods = scope.pods();
-    let start = Instant::now();
-    loop {
-        let list = pods.list(&ListParams::default()).await.expect("list pods");
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| is_pod_ready().matches_object(Some(*p)))
-            .count();
-        if ready >= count {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "only {ready} of {count} pods Ready"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Waits until every PDB of the scope has a computed status for the current spec.
-async fn wait_pdbs(scope: &Scope, count: usize) {
-    let api = scope.api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>();
-    let start = Instant::now();
-    loop {
-        let list = api.list(&ListParams::default()).await.expect("list pdbs");
-        let done = list
-            .items
-            .iter()
-            .filter(|p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.observed_generation >= p.metadata.generation
-                        && s.current_healthy == s.expected_pods
-                        && s.disruptions_allowed.unwrap_or(0) > 0
-                })
-            })
-            .count();
-        if done >= count {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "PDBs not computed"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 struct Fixture {

@@ -216,7 +216,7 @@ pub enum RebalanceMode {
     CordonOnly,
     /// Drain as a voluntary drain: PDBs are never overridden.
     Drain,
-    /// Drain; a Deployment pod its PDB holds (a single replica) is surged instead of waited on.
+    /// Drain; a single-replica Deployment pod is surged instead of waited on or taken down.
     /// Then hand the empty node over to Karpenter (delete its NodeClaim).
     DrainAndHandover,
 }

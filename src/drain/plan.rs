@@ -25,6 +25,8 @@ use super::policy::{self, AnnotationWarning, ClusterPolicy, LabelSelectorExpr, S
 pub struct Owners {
     /// (namespace, ReplicaSet name) → Deployment name.
     deployments: BTreeMap<(String, String), String>,
+    /// (namespace, ReplicaSet name) → its desired replicas.
+    replicas: BTreeMap<(String, String), i32>,
 }
 
 impl Owners {
@@ -40,6 +42,23 @@ impl Owners {
     ) {
         self.deployments
             .insert((namespace.into(), replica_set.into()), deployment.into());
+    }
+
+    pub fn set_replicas(
+        &mut self,
+        namespace: impl Into<String>,
+        replica_set: impl Into<String>,
+        replicas: i32,
+    ) {
+        self.replicas
+            .insert((namespace.into(), replica_set.into()), replicas);
+    }
+
+    /// The desired replicas of a ReplicaSet, as last listed.
+    pub fn replicas_of(&self, namespace: &str, replica_set: &str) -> Option<i32> {
+        self.replicas
+            .get(&(namespace.to_string(), replica_set.to_string()))
+            .copied()
     }
 
     /// From listed ReplicaSets, via their controller owner reference of kind Deployment.
@@ -58,6 +77,9 @@ impl Owners {
                 controller,
             ) {
                 owners.insert(ns, name, deployment.name.clone());
+                if let Some(replicas) = rs.spec.as_ref().and_then(|s| s.replicas) {
+                    owners.set_replicas(ns, name, replicas);
+                }
             }
         }
         owners
@@ -109,10 +131,11 @@ pub struct PlanOptions {
     pub margin: Duration,
     /// `--pod-selector`: pods not matching are left alone (ignored, not refused).
     pub pod_selector: Option<LabelSelectorExpr>,
-    /// Surge, rather than evict, a Deployment pod whose only PDB allows no disruption right now
-    /// (a single replica under `minAvailable: 1`), unless an annotation or policy rule chose its
-    /// strategy. For drains with time to spare (a rebalance recommendation handed over to
-    /// Karpenter): the pod moves without downtime instead of waiting on its PDB.
+    /// Surge, rather than evict, a Deployment pod whose eviction would wait or be an outage:
+    /// its only PDB allows no disruption right now (a single replica under `minAvailable: 1`),
+    /// or it has no PDB and its Deployment runs one replica. Not when an annotation or policy
+    /// rule chose its strategy. For drains with time to spare (a rebalance recommendation
+    /// handed over to Karpenter): the pod moves without downtime.
     pub surge_when_blocked: bool,
 }
 
@@ -799,15 +822,27 @@ fn dispose(
         && strategy_is_default
         && strategy == Strategy::Evict
         && owner.as_ref().is_some_and(|o| o.kind == "Deployment")
-        && let [(pdb, pdb_ref)] = matching.as_slice()
-        && pdb_ref.disruptions_allowed == Some(0)
-        && !pdb_never_allows(pdb)
     {
-        strategy = Strategy::Surge;
-        reason.push_str(&format!(
-            "; surge: PDB {} allows no eviction now and there is time to move it first",
-            pdb_ref.name
-        ));
+        let why = match matching.as_slice() {
+            [(pdb, pdb_ref)]
+                if pdb_ref.disruptions_allowed == Some(0) && !pdb_never_allows(pdb) =>
+            {
+                Some(format!("PDB {} allows no eviction now", pdb_ref.name))
+            }
+            [] if policy::controller_of(pod)
+                .and_then(|rs| input.owners.replicas_of(namespace, &rs.name))
+                == Some(1) =>
+            {
+                Some("a single replica without a PDB".to_string())
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            strategy = Strategy::Surge;
+            reason.push_str(&format!(
+                "; surge: {why}, and there is time to move it first"
+            ));
+        }
     }
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let blocker = if terminating {
@@ -1261,10 +1296,14 @@ mod tests {
                 .annotation(names::ANNOTATION_STRATEGY, "evict")
                 .build(),
             pod("bare-rs", "orphan-rs").build(),
+            pod("alone", "alone-rs").build(),
+            pod("many", "many-rs").build(),
         ]);
-        for name in ["single", "roomy", "frozen", "annotated"] {
+        for name in ["single", "roomy", "frozen", "annotated", "alone", "many"] {
             f.owners.insert("ns", format!("{name}-rs"), name);
         }
+        f.owners.set_replicas("ns", "alone-rs", 1);
+        f.owners.set_replicas("ns", "many-rs", 3);
         let sel = |app: &str| Some(match_labels(&[("app", app)]));
         let mut frozen = pdb("ns", "frozen-pdb", sel("frozen"), Some(0));
         frozen.spec = Some(PodDisruptionBudgetSpec {
@@ -1303,6 +1342,21 @@ mod tests {
             strategy("bare-rs"),
             Strategy::Evict,
             "no Deployment to restart"
+        );
+        assert_eq!(
+            strategy("alone"),
+            Strategy::Surge,
+            "evicting it is an outage"
+        );
+        assert!(
+            step(&plan, "alone")
+                .reason
+                .contains("a single replica without a PDB")
+        );
+        assert_eq!(
+            strategy("many"),
+            Strategy::Evict,
+            "others serve while it moves"
         );
     }
 

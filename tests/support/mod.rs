@@ -7,6 +7,8 @@
 
 pub mod json_schema;
 
+pub mod bench;
+
 pub mod aws;
 
 pub mod chart;

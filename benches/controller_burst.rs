@@ -1,0 +1,717 @@
+//! `nodedrain controller` under a burst of spot warnings, and at rest in a large cluster, on the
+//! sandbox.
+//!
+//! ```sh
+//! cargo bench --bench controller_burst
+//! BENCH_SCENARIOS=burst BENCH_BURST_NODES=20 cargo bench --bench controller_burst
+//! ```
+//!
+//! Scenarios (`BENCH_SCENARIOS` [burst,idle]; sizes from the environment, defaults in brackets):
+//! - **burst**: `BENCH_BURST_NODES` [200] spot nodes (moto instances, KWOK nodes) with
+//!   `BENCH_BURST_PODS_PER_NODE` [30] pods each: as many ReplicaSets as pods per node, one
+//!   replica on every node, each under a PDB `maxUnavailable: BENCH_BURST_MAX_UNAVAILABLE`
+//!   ["20%"], grace `BENCH_BURST_GRACE` [2] s. Empty spare nodes take the replacements. One
+//!   controller with default settings (plus `BENCH_CONTROLLER_ARGS`, space-separated) watches
+//!   the bench's nodes; then one spot warning per node is sent, all at once (SendMessageBatch,
+//!   10 per call, all calls concurrently).
+//! - **idle**: `BENCH_IDLE_NODES` [5000] nodes and `BENCH_IDLE_PODS` [50000] pods (bound to the
+//!   nodes, so the scheduler is not the bottleneck) are created; a controller watching every
+//!   node of the cluster is started.
+//!
+//! Measured:
+//! - event-to-cordon: from the moment the send call for a warning starts until a node watch
+//!   sees the node `unschedulable` (p50, p99, max over all nodes);
+//! - time until every bench node is empty (no pod left on it), from the first send;
+//! - PDB violations: times a watcher saw a ReplicaSet's Ready (not terminating) pods drop below
+//!   its floor (replicas - maxUnavailable), and the lowest Ready - floor seen; deadline overrides
+//!   as the controller counted them;
+//! - the controller's resident memory: peak (`VmHWM`) over the run, and for idle also the
+//!   resident set (`VmRSS`) after `BENCH_IDLE_SETTLE` [30] s at rest; start-to-ready is process
+//!   start until `/readyz` answers 200 (the node list is loaded and the queue is being read).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+use support::bench::{
+    env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs, watch_pods,
+};
+use support::controller::{instance_id, spot_body};
+use support::drain::{name_of, pdb, wait_schedulable};
+use support::{Sandbox, Scope, TEST_KEY};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Replacement pods each spare node takes.
+const SPARE_NODE_PODS: usize = 500;
+/// Requests in flight while creating fixtures.
+const CREATE_CONCURRENCY: usize = 64;
+
+/// One `nodedrain controller` process with its admin port and log.
+struct Launched {
+    child: Child,
+    admin: u16,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Launched {
+    fn start(queue_url: &str, node_selector: Option<&str>) -> Launched {
+        let admin = support::aws::free_port();
+        let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nodedrain"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().to_string();
+            if key.starts_with("NODEDRAIN_") {
+                command.env_remove(&key);
+            }
+        }
+        command
+            .env("KUBECONFIG", support::var("KUBECONFIG"))
+            .env("AWS_ENDPOINT_URL", support::var("AWS_ENDPOINT_URL"))
+            .env("AWS_REGION", support::var("AWS_REGION"))
+            .env("AWS_ACCESS_KEY_ID", support::var("AWS_ACCESS_KEY_ID"))
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                support::var("AWS_SECRET_ACCESS_KEY"),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .args([
+                "controller",
+                "--queue-url",
+                queue_url,
+                "--leader-elect=false",
+            ])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--log-format", "json"]);
+        if let Some(selector) = node_selector {
+            command.args(["--node-selector", selector]);
+        }
+        if let Ok(extra) = std::env::var("BENCH_CONTROLLER_ARGS") {
+            command.args(extra.split_whitespace());
+        }
+        let started = Instant::now();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start nodedrain controller");
+        Launched {
+            child,
+            admin,
+            log,
+            started,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time from process start until `/readyz` answers 200.
+    async fn wait_ready(&mut self, timeout: Duration) -> Duration {
+        loop {
+            if let Some((200, _)) = http_get(self.admin, "/readyz").await {
+                return self.started.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("controller exited with {status}:\n{}", self.log_tail(30));
+            }
+            assert!(
+                self.started.elapsed() < timeout,
+                "controller not ready within {timeout:?}:\n{}",
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The sum of a metric's series whose line starts with `prefix`.
+    async fn metric_sum(&self, prefix: &str) -> f64 {
+        let body = http_get(self.admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        tail(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            lines,
+        )
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var("BENCH_KEEP_LOGS").is_err() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("controller log kept: {}", self.log.display());
+        }
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Creates objects with bounded concurrency; panics on the first failure.
+async fn create_all<K>(api: &Api<K>, objects: Vec<Value>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    futures::stream::iter(objects)
+        .map(|object| async move {
+            let object: K = serde_json::from_value(object).expect("valid object");
+            api.create(&PostParams::default(), &object).await
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .expect("create fixture objects");
+}
+
+/// A KWOK node of this scope, tainted like the scope's other nodes.
+fn kwok_node(scope: &Scope, name: &str, pods: usize, provider_id: Option<String>) -> Value {
+    let mut node = json!({
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "node.kubernetes.io/instance-type": "m5.4xlarge",
+                "topology.kubernetes.io/region": "us-east-1",
+                "topology.kubernetes.io/zone": "us-east-1a",
+                "karpenter.sh/capacity-type": "spot",
+                "type": "kwok",
+                TEST_KEY: scope.id,
+            },
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+        },
+        "spec": {
+            "taints": [{"key": TEST_KEY, "value": scope.id, "effect": "NoSchedule"}],
+        },
+        "status": {
+            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": pods.to_string()},
+            "capacity": {"cpu": "16", "memory": "64Gi", "pods": pods.to_string()},
+        },
+    });
+    if let Some(id) = provider_id {
+        node["spec"]["providerID"] = json!(id);
+    }
+    node
+}
+
+/// A pod bound to `node` (no scheduling), labelled `app`.
+fn bound_pod(scope: &Scope, name: &str, app: &str, node: &str, grace: i64) -> Value {
+    let mut spec = scope.pod_spec(grace);
+    spec["nodeName"] = json!(node);
+    json!({
+        "metadata": {"name": name, "labels": {"app": app, "tier": "web"}},
+        "spec": spec,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// burst
+
+struct Burst {
+    nodes: usize,
+    pods: usize,
+    cordon_p50: Option<Duration>,
+    cordon_p99: Option<Duration>,
+    cordon_max: Option<Duration>,
+    cordoned: usize,
+    drained_after: Option<Duration>,
+    violations: usize,
+    min_margin: Option<i64>,
+    overrides: f64,
+    evicted: f64,
+    peak_rss_kib: Option<u64>,
+    controller_p_sum: f64,
+}
+
+/// Records, per node of the scope, when a watch first saw it unschedulable.
+fn watch_cordons(
+    scope: &Scope,
+) -> (
+    Arc<Mutex<HashMap<String, Instant>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let api: Api<Node> = Api::all(scope.client.clone());
+    let config = watcher::Config::default().labels(&format!("{TEST_KEY}={}", scope.id));
+    let shared = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = watcher(api, config)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(Ok(node)) = stream.next().await {
+            let at = Instant::now();
+            if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+                shared.lock().unwrap().entry(name_of(&node)).or_insert(at);
+            }
+        }
+    });
+    (seen, task)
+}
+
+async fn burst(sandbox: &Sandbox) -> Burst {
+    let count: usize = env_or("BENCH_BURST_NODES", 200);
+    let per_node: usize = env_or("BENCH_BURST_PODS_PER_NODE", 30);
+    let grace: i64 = env_or("BENCH_BURST_GRACE", 2);
+    let max_unavailable: String = env_or("BENCH_BURST_MAX_UNAVAILABLE", "20%".to_string());
+    let scope = sandbox.scope("bench-burst").await;
+    let phase = Instant::now();
+
+    eprintln!("burst: {count} spot nodes (moto instances + KWOK nodes)");
+    let nodes = scope.nodes(count).await;
+    wait_schedulable(&scope, &nodes).await;
+    let spare_count = (count * per_node * 6 / 5).div_ceil(SPARE_NODE_PODS).max(1);
+    let node_api: Api<Node> = Api::all(scope.client.clone());
+    let spares: Vec<Value> = (0..spare_count)
+        .map(|i| {
+            kwok_node(
+                &scope,
+                &format!("{}-spare-{i}", scope.id),
+                SPARE_NODE_PODS,
+                None,
+            )
+        })
+        .collect();
+    create_all(&node_api, spares).await;
+
+    eprintln!("burst: {} pods in {per_node} ReplicaSets", count * per_node);
+    let mut pods = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for app in 0..per_node {
+            let app = format!("app{app:02}");
+            pods.push(bound_pod(
+                &scope,
+                &format!("{app}-n{i}"),
+                &app,
+                &name_of(node),
+                grace,
+            ));
+        }
+    }
+    create_all(&scope.pods(), pods).await;
+    // The ReplicaSets come after their pods and adopt them: none is created or scheduled.
+    let budget = match max_unavailable.strip_suffix('%') {
+        Some(p) => json!({"maxUnavailable": format!("{p}%")}),
+        None => json!({"maxUnavailable": max_unavailable.parse::<i32>().unwrap_or(1)}),
+    };
+    // The disruption controller rounds a percentage up.
+    let unavailable: i64 = match max_unavailable.strip_suffix('%') {
+        Some(p) => (p.parse::<i64>().unwrap_or(0) * count as i64 + 99) / 100,
+        None => max_unavailable.parse().unwrap_or(1),
+    };
+    let mut floors = BTreeMap::new();
+    let mut sets = Vec::new();
+    for app in 0..per_node {
+        let app = format!("app{app:02}");
+        let mut template_spec = scope.pod_spec(grace);
+        template_spec["containers"][0]["name"] = json!(app);
+        sets.push(json!({
+            "metadata": {"name": app},
+            "spec": {
+                "replicas": count,
+                "selector": {"matchLabels": {"app": app}},
+                "template": {"metadata": {"labels": {"app": app, "tier": "web"}}, "spec": template_spec},
+            },
+        }));
+        pdb(&scope, &app, &app, budget.clone()).await;
+        floors.insert(app, count as i64 - unavailable);
+    }
+    create_all(&scope.api::<ReplicaSet>(), sets).await;
+    wait_all_ready(&scope, count * per_node).await;
+    wait_adopted(&scope, count * per_node).await;
+    wait_pdbs(&scope, per_node).await;
+    eprintln!("burst: fixtures ready in {:.0?}", phase.elapsed());
+
+    let sqs = aws_sdk_sqs::Client::new(&scope.aws);
+    let queue = support::aws::create_queue(&sqs, "bench-burst", &[]).await;
+    let selector = format!("{TEST_KEY}={}", scope.id);
+    let mut controller = Launched::start(&queue, Some(&selector));
+    controller.wait_ready(Duration::from_secs(60)).await;
+    let pid = controller.pid();
+
+    let drained: BTreeSet<String> = nodes.iter().map(name_of).collect();
+    let (cordons, cordon_task) = watch_cordons(&scope);
+    let (seen, mut empty, pod_task) = watch_pods(&scope, drained.clone(), floors);
+    // Both watches have listed and the controller has settled.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    eprintln!("burst: sending {count} spot warnings at once");
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
+    let first_send = Instant::now();
+    let batches: Vec<Vec<(String, String)>> = nodes
+        .chunks(10)
+        .enumerate()
+        .map(|(b, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    let body = spot_body(
+                        &format!("bench-{}-{b}-{i}", std::process::id()),
+                        &instance_id(node),
+                    );
+                    (name_of(node), body)
+                })
+                .collect()
+        })
+        .collect();
+    let sends = batches.into_iter().map(|batch| {
+        let sqs = sqs.clone();
+        let queue = queue.clone();
+        async move {
+            let at = Instant::now();
+            let mut request = sqs.send_message_batch().queue_url(&queue);
+            for (i, (_, body)) in batch.iter().enumerate() {
+                request = request.entries(
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body)
+                        .build()
+                        .expect("entry"),
+                );
+            }
+            let out = request.send().await.expect("send message batch");
+            assert!(out.failed.is_empty(), "rejected entries: {:?}", out.failed);
+            batch.into_iter().map(move |(node, _)| (node, at))
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent_at.extend(sent);
+    }
+
+    let all_cordoned = tokio::time::timeout(Duration::from_secs(120), async {
+        while cordons.lock().unwrap().len() < count {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    if !all_cordoned {
+        eprintln!("burst: not every node was cordoned within 2 minutes");
+    }
+    let latencies: Vec<Duration> = {
+        let cordons = cordons.lock().unwrap();
+        sent_at
+            .iter()
+            .filter_map(|(node, at)| Some(cordons.get(node)?.saturating_duration_since(*at)))
+            .collect()
+    };
+    let drained_at = tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            if let Some(at) = *empty.borrow() {
+                return at;
+            }
+            if empty.changed().await.is_err() {
+                return Instant::now();
+            }
+        }
+    })
+    .await
+    .ok();
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    let overrides = controller
+        .metric_sum("nodedrain_deadline_overrides_total")
+        .await;
+    let evicted = controller
+        .metric_sum("nodedrain_evictions_total{outcome=\"evicted\"}")
+        .await;
+    let controller_p_sum = controller
+        .metric_sum("nodedrain_event_to_cordon_seconds_sum")
+        .await;
+    cordon_task.abort();
+    pod_task.abort();
+    let (violations, min_margin) = {
+        let seen = seen.lock().unwrap();
+        (seen.violations, seen.min_margin)
+    };
+    if drained_at.is_none() {
+        eprintln!(
+            "burst: nodes not empty after 10 minutes; controller log:\n{}",
+            controller.log_tail(20)
+        );
+    }
+    drop(controller);
+    let _ = sqs.delete_queue().queue_url(&queue).send().await;
+    remove_scope(scope).await;
+
+    Burst {
+        nodes: count,
+        pods: count * per_node,
+        cordon_p50: quantile(&latencies, 0.50),
+        cordon_p99: quantile(&latencies, 0.99),
+        cordon_max: quantile(&latencies, 1.0),
+        cordoned: latencies.len(),
+        drained_after: drained_at.map(|at| at.saturating_duration_since(first_send)),
+        violations,
+        min_margin,
+        overrides,
+        evicted,
+        peak_rss_kib,
+        controller_p_sum,
+    }
+}
+
+/// Waits until the ReplicaSets own all `count` pods, so the drain sees workload pods, not bare
+/// ones.
+async fn wait_adopted(scope: &Scope, count: usize) {
+    let start = Instant::now();
+    loop {
+        let list = scope
+            .pods()
+            .list(&ListParams::default())
+            .await
+            .expect("list pods");
+        let owned = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(|o| !o.is_empty())
+            })
+            .count();
+        if owned >= count {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "only {owned} of {count} pods adopted by their ReplicaSets"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Deletes the scope's pods at once (grace 0), then its nodes and namespace.
+async fn remove_scope(scope: Scope) {
+    let _ = scope
+        .pods()
+        .delete_collection(
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            },
+            &ListParams::default(),
+        )
+        .await;
+    scope.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+struct Idle {
+    nodes: usize,
+    pods: usize,
+    cluster_nodes: usize,
+    start_to_ready: Duration,
+    rss_kib: Option<u64>,
+    peak_rss_kib: Option<u64>,
+}
+
+async fn idle(sandbox: &Sandbox) -> Idle {
+    let count: usize = env_or("BENCH_IDLE_NODES", 5000);
+    let pod_count: usize = env_or("BENCH_IDLE_PODS", 50_000);
+    let settle = Duration::from_secs(env_or("BENCH_IDLE_SETTLE", 30));
+    let scope = sandbox.scope("bench-idle").await;
+    let phase = Instant::now();
+
+    eprintln!("idle: {count} nodes");
+    let node_api: Api<Node> = Api::all(scope.client.clone());
+    let names: Vec<String> = (0..count)
+        .map(|i| {
+            format!(
+                "ip-10-{}-{}-{}.ec2.internal",
+                100 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            )
+        })
+        .collect();
+    let objects: Vec<Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            kwok_node(
+                &scope,
+                name,
+                110,
+                Some(format!("aws:///us-east-1a/i-{:017x}", 0xbe0000 + i)),
+            )
+        })
+        .collect();
+    create_all(&node_api, objects).await;
+
+    eprintln!(
+        "idle: {pod_count} pods (created in {:.0?} so far)",
+        phase.elapsed()
+    );
+    let pods: Vec<Value> = (0..pod_count)
+        .map(|i| {
+            let app = format!("svc{:03}", i % 500);
+            bound_pod(&scope, &format!("{app}-{i}"), &app, &names[i % count], 30)
+        })
+        .collect();
+    create_all(&scope.pods(), pods).await;
+    eprintln!("idle: fixtures created in {:.0?}", phase.elapsed());
+    let cluster_nodes = node_api
+        .list_metadata(&ListParams::default())
+        .await
+        .map(|l| l.items.len())
+        .unwrap_or(0);
+
+    let sqs = aws_sdk_sqs::Client::new(&scope.aws);
+    let queue = support::aws::create_queue(&sqs, "bench-idle", &[]).await;
+    let mut controller = Launched::start(&queue, None);
+    let start_to_ready = controller.wait_ready(Duration::from_secs(300)).await;
+    tokio::time::sleep(settle).await;
+    let pid = controller.pid();
+    let rss_kib = proc_status_kib(pid, "VmRSS");
+    let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    drop(controller);
+    let _ = sqs.delete_queue().queue_url(&queue).send().await;
+    eprintln!("idle: cleaning up");
+    remove_scope(scope).await;
+    Idle {
+        nodes: count,
+        pods: pod_count,
+        cluster_nodes,
+        start_to_ready,
+        rss_kib,
+        peak_rss_kib,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("—".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn mem(kib: Option<u64>) -> String {
+    kib.map_or("—".to_string(), |k| format!("{:.1} MiB", mib(k)))
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let sandbox = Sandbox::connect().await;
+        let scenarios = env_list("BENCH_SCENARIOS", "burst,idle");
+        let burst = if scenarios.iter().any(|s| s == "burst") {
+            Some(burst(&sandbox).await)
+        } else {
+            None
+        };
+        let idle = if scenarios.iter().any(|s| s == "idle") {
+            Some(idle(&sandbox).await)
+        } else {
+            None
+        };
+
+        if let Some(b) = burst {
+            println!();
+            println!(
+                "burst: {} spot warnings at once, {} nodes × {} pods ({} pods), PDB per ReplicaSet",
+                b.nodes,
+                b.nodes,
+                b.pods / b.nodes.max(1),
+                b.pods
+            );
+            println!();
+            println!("| measure | value | goal |");
+            println!("|---|---|---|");
+            println!(
+                "| event-to-cordon p50 (send → unschedulable, seen by a watch) | {} | |",
+                secs(b.cordon_p50)
+            );
+            println!("| event-to-cordon p99 | {} | ≤ 1 s |", secs(b.cordon_p99));
+            println!("| event-to-cordon max | {} | |", secs(b.cordon_max));
+            println!("| nodes cordoned | {} of {} | all |", b.cordoned, b.nodes);
+            println!(
+                "| all nodes empty, from the first send | {} | |",
+                secs(b.drained_after)
+            );
+            println!(
+                "| PDB violations (lowest Ready − floor) | {} ({}) | 0 |",
+                b.violations,
+                b.min_margin.map_or("—".to_string(), |m| m.to_string())
+            );
+            println!(
+                "| evictions / deadline overrides | {} / {} | |",
+                b.evicted, b.overrides
+            );
+            println!(
+                "| controller's own event-to-cordon mean (event time → patched) | {} | |",
+                secs(
+                    (b.cordoned > 0)
+                        .then(|| Duration::from_secs_f64(b.controller_p_sum / b.nodes as f64))
+                )
+            );
+            println!("| controller peak RSS | {} | |", mem(b.peak_rss_kib));
+        }
+        if let Some(i) = idle {
+            println!();
+            println!(
+                "idle: {} nodes created ({} in the cluster), {} pods",
+                i.nodes, i.cluster_nodes, i.pods
+            );
+            println!();
+            println!("| measure | value | goal |");
+            println!("|---|---|---|");
+            println!(
+                "| start to ready (/readyz 200) | {} | |",
+                secs(Some(i.start_to_ready))
+            );
+            println!("| RSS at rest | {} | ≤ 64 MiB |", mem(i.rss_kib));
+            println!(
+                "| peak RSS (start-up included) | {} | |",
+                mem(i.peak_rss_kib)
+            );
+        }
+    });
+}
