@@ -19,8 +19,12 @@ use serde::Serialize;
 
 use super::policy::{self, AnnotationWarning, ClusterPolicy, LabelSelectorExpr, Strategy};
 
-/// Which Deployment owns which ReplicaSet. Pods only name their ReplicaSet, and `surge` must
-/// act on the Deployment, so the executor builds this from the ReplicaSets it lists.
+/// Annotation the Deployment controller keeps on its ReplicaSets: the Deployment's replicas.
+const DEPLOYMENT_DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
+
+/// Which Deployment owns which ReplicaSet, and how many replicas it wants. Pods only name their
+/// ReplicaSet, and `surge` must act on the Deployment, so the executor builds this from the
+/// ReplicaSets it lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owners {
     /// (namespace, ReplicaSet name) → Deployment name.
@@ -77,7 +81,16 @@ impl Owners {
                 controller,
             ) {
                 owners.insert(ns, name, deployment.name.clone());
-                if let Some(replicas) = rs.spec.as_ref().and_then(|s| s.replicas) {
+                // The Deployment controller writes its desired count on each of its
+                // ReplicaSets, so a metadata-only list carries it.
+                let desired = rs
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DEPLOYMENT_DESIRED_REPLICAS))
+                    .and_then(|v| v.parse().ok())
+                    .or_else(|| rs.spec.as_ref().and_then(|s| s.replicas));
+                if let Some(replicas) = desired {
                     owners.set_replicas(ns, name, replicas);
                 }
             }
@@ -1173,10 +1186,19 @@ mod tests {
             },
             ..Default::default()
         };
-        let owners = Owners::from_replica_sets(&[rs("web-1", Some("web")), rs("solo", None)]);
+        let mut single = rs("db-1", Some("db"));
+        single.metadata.annotations = Some(
+            [(DEPLOYMENT_DESIRED_REPLICAS.to_string(), "1".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        let owners =
+            Owners::from_replica_sets(&[rs("web-1", Some("web")), rs("solo", None), single]);
         assert_eq!(owners.deployment_of("ns", "web-1"), Some("web"));
         assert_eq!(owners.deployment_of("ns", "solo"), None);
         assert_eq!(owners.deployment_of("other", "web-1"), None);
+        assert_eq!(owners.replicas_of("ns", "db-1"), Some(1));
+        assert_eq!(owners.replicas_of("ns", "web-1"), None, "nothing says");
     }
 
     #[test]
