@@ -48,10 +48,9 @@ use serde_json::{Value, json};
 use support::bench::{
     env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs, watch_pods,
 };
-use support::controller::{instance_id, spot_body};
+use support::controller::{admin_get, instance_id, spot_body};
 use support::drain::{name_of, pdb, wait_schedulable};
 use support::{Sandbox, Scope, TEST_KEY};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Replacement pods each spare node takes.
 const SPARE_NODE_PODS: usize = 500;
@@ -127,7 +126,7 @@ impl Launched {
     /// Time from process start until `/readyz` answers 200.
     async fn wait_ready(&mut self, timeout: Duration) -> Duration {
         loop {
-            if let Some((200, _)) = http_get(self.admin, "/readyz").await {
+            if let Some((200, _)) = admin_get(self.admin, "/readyz").await {
                 return self.started.elapsed();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -144,7 +143,7 @@ impl Launched {
 
     /// The sum of a metric's series whose line starts with `prefix`.
     async fn metric_sum(&self, prefix: &str) -> f64 {
-        let body = http_get(self.admin, "/metrics")
+        let body = admin_get(self.admin, "/metrics")
             .await
             .map(|(_, b)| b)
             .unwrap_or_default();
@@ -172,23 +171,6 @@ impl Drop for Launched {
             eprintln!("controller log kept: {}", self.log.display());
         }
     }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
 }
 
 /// Creates objects with bounded concurrency; panics on the first failure.

@@ -31,13 +31,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::wait::{Condition, await_condition};
 use serde_json::{Value, json};
 use support::aws::{create_queue, sdk_config, send};
 use support::chart::{chart_dir, helm, ok, render, scratch_dir, value_args};
+use support::controller::ensure_nodeclaim_crd;
 use support::{Sandbox, Scope, TEST_KEY, is_pod_ready, var};
 
 /// Grace period of every test pod: short, so a run takes seconds.
@@ -199,49 +199,6 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The NodeClaim CRD, as far as nodedrain uses it; created once, never removed (other tests
-/// and runs share it).
-async fn ensure_nodeclaim_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "nodeclaims.karpenter.sh";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let crd: CustomResourceDefinition = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "group": "karpenter.sh",
-                "scope": "Cluster",
-                "names": {"kind": "NodeClaim", "listKind": "NodeClaimList", "plural": "nodeclaims", "singular": "nodeclaim"},
-                "versions": [{
-                    "name": "v1", "served": true, "storage": true,
-                    "subresources": {"status": {}},
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-                }],
-            }
-        }))
-        .unwrap();
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create NodeClaim CRD: {e}"),
-        }
-    }
-    let established = |crd: Option<&CustomResourceDefinition>| {
-        crd.and_then(|c| c.status.as_ref())
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            })
-    };
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, established),
-    )
-    .await
-    .expect("the NodeClaim CRD is established in time")
-    .expect("watch crd");
 }
 
 /// Until `node` has no taints but the scope's own (the node lifecycle controller removes

@@ -284,24 +284,7 @@ impl Controller {
 
     /// A raw HTTP/1.0 GET on the admin port: (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin))
-            .await
-            .ok()?;
-        let request =
-            format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-            .await
-            .ok()?
-            .ok()?;
-        let text = String::from_utf8_lossy(&response).to_string();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
+        admin_get(self.admin, path).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -363,6 +346,27 @@ impl Drop for Controller {
         }
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// A raw HTTP/1.0 GET on a controller's admin port: (status, body).
+pub async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 /// Deletes nodes (and namespaces) left by an aborted earlier run of the controller tests (another process id):
