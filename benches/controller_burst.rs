@@ -266,10 +266,15 @@ fn watch_cordons(
             .default_backoff()
             .applied_objects()
             .boxed();
-        while let Some(Ok(node)) = stream.next().await {
+        // The watcher resumes by itself after an error; only the end of the stream ends this.
+        while let Some(next) = stream.next().await {
             let at = Instant::now();
-            if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
-                shared.lock().unwrap().entry(name_of(&node)).or_insert(at);
+            match next {
+                Ok(node) if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) => {
+                    shared.lock().unwrap().entry(name_of(&node)).or_insert(at);
+                }
+                Ok(_) => {}
+                Err(error) => eprintln!("node watch: {error}; resuming"),
             }
         }
     });

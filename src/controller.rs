@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::{AdminError, AdminServer, Readiness};
 use crate::config::{ControllerConfig, NodeNotFound, RebalanceMode};
@@ -294,11 +294,13 @@ struct Target {
 
 /// Takes a batch over: resolve, prepare every node, settle each message, start the drains.
 async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec<Delivery>) {
+    let began = Instant::now();
     let ids: Vec<&str> = batch
         .iter()
         .flat_map(|d| d.interruptions.iter().map(|i| i.instance_id.as_str()))
         .collect();
     let mut resolutions = shared.resolver.resolve(&ids).await.into_iter();
+    let resolved = began.elapsed();
 
     let now = Timestamp::now();
     let mut targets = Vec::new();
@@ -373,6 +375,13 @@ async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec
             complete[target.delivery] = false;
         }
     }
+    debug!(
+        messages = batch.len(),
+        nodes = prepared.len(),
+        resolve_ms = resolved.as_millis() as u64,
+        prepare_ms = (began.elapsed() - resolved).as_millis() as u64,
+        "batch prepared"
+    );
 
     // The records are on the nodes: the messages may go.
     for (delivery, complete) in batch.into_iter().zip(complete) {

@@ -17,6 +17,7 @@
 //! one owner of that state needs no locks. API calls go through the client's rate limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -47,6 +48,7 @@ use super::report::{
     Blocker, DrainOutcome, DrainReport, NodeReport, PdbSeen, PodChange, PodRef, PodReport,
     ProgressEvent,
 };
+use super::pdb_feed::PdbFeed;
 use super::surge::{self, SurgeStart};
 use crate::names;
 use crate::node::{self, DrainRecord, NodeError, Phase, describe_api_error, is_forbidden};
@@ -164,6 +166,8 @@ pub struct Drainer {
     client: Client,
     config: DrainConfig,
     recorder: Recorder,
+    /// Started by the first drain, shared by all (and by clones).
+    pdb_feed: Arc<OnceLock<PdbFeed>>,
 }
 
 /// Everything listed once at the start of a drain.
@@ -191,6 +195,7 @@ impl Drainer {
             client,
             config,
             recorder,
+            pdb_feed: Arc::default(),
         }
     }
 
@@ -919,15 +924,10 @@ impl<'a> Engine<'a> {
             .map(move |event| Input::Pods { node: i, event });
             inputs.push(stream.boxed());
         }
-        inputs.push(
-            watcher(
-                Api::<PodDisruptionBudget>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .map(Input::Pdbs)
-            .boxed(),
-        );
+        let feed = drainer
+            .pdb_feed
+            .get_or_init(|| PdbFeed::start(client.clone()));
+        inputs.push(feed.subscribe().map(Input::Pdbs).boxed());
         let draining = nodes.iter().map(|n| n.name.clone()).collect();
         let pdbs = pdbs
             .into_iter()

@@ -2,6 +2,7 @@
 
 pub mod evict;
 pub mod execute;
+pub mod pdb_feed;
 pub mod plan;
 pub mod policy;
 pub mod report;
