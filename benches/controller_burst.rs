@@ -153,6 +153,28 @@ impl Launched {
             .sum()
     }
 
+    /// A histogram's buckets (upper bound, cumulative count), `+Inf` as infinity.
+    async fn histogram(&self, name: &str) -> Vec<(f64, f64)> {
+        let body = admin_get(self.admin, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let prefix = format!("{name}_bucket{{le=\"");
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (bound, rest) = rest.split_once('"')?;
+                let count = rest.rsplit(' ').next()?.parse().ok()?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, count))
+            })
+            .collect()
+    }
+
     fn log_tail(&self, lines: usize) -> String {
         tail(
             &std::fs::read_to_string(&self.log).unwrap_or_default(),
@@ -248,6 +270,9 @@ struct Burst {
     evicted: f64,
     peak_rss_kib: Option<u64>,
     controller_p_sum: f64,
+    sent_after: Duration,
+    /// The controller's own receive-to-cordon histogram: (upper bound, cumulative count).
+    own: Vec<(f64, f64)>,
 }
 
 /// Records, per node of the scope, when a watch first saw it unschedulable.
@@ -410,6 +435,8 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     for sent in futures::future::join_all(sends).await {
         sent_at.extend(sent);
     }
+    // moto takes its time to accept a burst; real SQS answers in milliseconds. Reported apart.
+    let sent_after = first_send.elapsed();
 
     let all_cordoned = tokio::time::timeout(Duration::from_secs(120), async {
         while cordons.lock().unwrap().len() < count {
@@ -450,6 +477,9 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     let controller_p_sum = controller
         .metric_sum("nodedrain_event_to_cordon_seconds_sum")
         .await;
+    let own = controller
+        .histogram("nodedrain_receive_to_cordon_seconds")
+        .await;
     cordon_task.abort();
     pod_task.abort();
     let (violations, min_margin) = {
@@ -480,6 +510,8 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         evicted,
         peak_rss_kib,
         controller_p_sum,
+        sent_after,
+        own,
     }
 }
 
@@ -616,6 +648,23 @@ async fn idle(sandbox: &Sandbox) -> Idle {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The smallest bucket bound that holds the `q` quantile of a cumulative histogram.
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    (total > 0.0)
+        .then(|| {
+            buckets
+                .iter()
+                .find(|(_, c)| *c >= q * total)
+                .map(|(b, _)| *b)
+        })
+        .flatten()
+}
+
+fn at_most(bound: Option<f64>) -> String {
+    bound.map_or("—".to_string(), |b| format!("≤ {b} s"))
+}
+
 fn secs(d: Option<Duration>) -> String {
     d.map_or("—".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
 }
@@ -658,6 +707,10 @@ fn main() {
             );
             println!("| event-to-cordon p99 | {} | ≤ 1 s |", secs(b.cordon_p99));
             println!("| event-to-cordon max | {} | |", secs(b.cordon_max));
+            println!(
+                "| all send calls answered (by moto) | {} | |",
+                secs(Some(b.sent_after))
+            );
             println!("| nodes cordoned | {} of {} | all |", b.cordoned, b.nodes);
             println!(
                 "| all nodes empty, from the first send | {} | |",
@@ -678,6 +731,11 @@ fn main() {
                     (b.cordoned > 0)
                         .then(|| Duration::from_secs_f64(b.controller_p_sum / b.nodes as f64))
                 )
+            );
+            println!(
+                "| controller's own part (receive → cordon) p50 / p99, its histogram | {} / {} | |",
+                at_most(bucket_quantile(&b.own, 0.5)),
+                at_most(bucket_quantile(&b.own, 0.99))
             );
             println!("| controller peak RSS | {} | |", mem(b.peak_rss_kib));
         }

@@ -289,6 +289,7 @@ struct Target {
     node: String,
     record: DrainRecord,
     event_time: Timestamp,
+    received_at: Timestamp,
     kind: InterruptionKind,
 }
 
@@ -321,6 +322,7 @@ async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec
                         node,
                         record,
                         event_time: interruption.event_time,
+                        received_at: delivery.received_at,
                         kind: interruption.kind,
                     })
                 }
@@ -356,8 +358,11 @@ async fn handle_batch(shared: &Arc<Shared>, term: &CancellationToken, batch: Vec
             };
             let ok = match prepared {
                 Ok(_) => {
-                    let latency = Timestamp::now().duration_since(target.event_time).as_secs_f64();
+                    let now = Timestamp::now();
+                    let latency = now.duration_since(target.event_time).as_secs_f64();
                     shared.metrics.event_to_cordon(target.kind, latency);
+                    let own = now.duration_since(target.received_at).as_secs_f64();
+                    shared.metrics.receive_to_cordon(own);
                     true
                 }
                 Err(error) => {

@@ -14,6 +14,7 @@
 //! | `nodedrain_messages_ignored_total` | counter | `reason` ([`IgnoreReason::as_label`]) |
 //! | `nodedrain_interruptions_total` | counter | `kind` ([`InterruptionKind::as_str`]) |
 //! | `nodedrain_event_to_cordon_seconds` | histogram | `kind` |
+//! | `nodedrain_receive_to_cordon_seconds` | histogram | — |
 //! | `nodedrain_drain_duration_seconds` | histogram | `kind` (or `manual`), `result` ([`DrainResult`]) |
 //! | `nodedrain_evictions_total` | counter | `outcome` ([`EvictionOutcome`]) |
 //! | `nodedrain_eviction_pdb_blocked_total` | counter | — |
@@ -240,6 +241,7 @@ pub struct Metrics {
     ignored: Family<Label, Counter>,
     interruptions: Family<Label, Counter>,
     event_to_cordon: HistogramFamily<Label>,
+    receive_to_cordon: Histogram,
     drain_duration: HistogramFamily<Labels2>,
     evictions: Family<Label, Counter>,
     pdb_blocked: Counter,
@@ -268,6 +270,7 @@ impl Metrics {
             ignored: Family::default(),
             interruptions: Family::default(),
             event_to_cordon: Family::new_with_constructor(event_to_cordon_histogram),
+            receive_to_cordon: event_to_cordon_histogram(),
             drain_duration: Family::new_with_constructor(drain_duration_histogram),
             evictions: Family::default(),
             pdb_blocked: Counter::default(),
@@ -301,6 +304,11 @@ impl Metrics {
             "event_to_cordon_seconds",
             "Seconds from the AWS event time to the node being cordoned",
             metrics.event_to_cordon.clone(),
+        );
+        r.register(
+            "receive_to_cordon_seconds",
+            "Seconds from this process receiving the message to the node being cordoned: the part of event_to_cordon that is nodedrain's own (the rest is the event's way through EventBridge and SQS)",
+            metrics.receive_to_cordon.clone(),
         );
         r.register(
             "drain_duration_seconds",
@@ -404,6 +412,11 @@ impl Metrics {
         self.event_to_cordon
             .get_or_create(&[("kind", kind.as_str())])
             .observe(seconds.max(0.0));
+    }
+
+    /// Records one receive-to-cordon latency.
+    pub fn receive_to_cordon(&self, seconds: f64) {
+        self.receive_to_cordon.observe(seconds.max(0.0));
     }
 
     /// Records a finished drain; `kind` is `None` for a drain started from the CLI.

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::evict::{self, DeleteOutcome, EvictOutcome};
+use super::pdb_feed::PdbFeed;
 use super::plan::{
     Owners, Plan, PlanInput, PlanOptions, Progress, StepIndex, StepState, WarningKind, plan,
 };
@@ -48,7 +49,6 @@ use super::report::{
     Blocker, DrainOutcome, DrainReport, NodeReport, PdbSeen, PodChange, PodRef, PodReport,
     ProgressEvent,
 };
-use super::pdb_feed::PdbFeed;
 use super::surge::{self, SurgeStart};
 use crate::names;
 use crate::node::{self, DrainRecord, NodeError, Phase, describe_api_error, is_forbidden};
