@@ -17,7 +17,7 @@
 //! one owner of that state needs no locks. API calls go through the client's rate limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -168,6 +168,7 @@ pub struct Drainer {
     recorder: Recorder,
     /// Started by the first drain, shared by all (and by clones).
     pdb_feed: Arc<OnceLock<PdbFeed>>,
+    pdb_ledger: Arc<PdbLedger>,
 }
 
 /// Everything listed once at the start of a drain.
@@ -196,6 +197,7 @@ impl Drainer {
             config,
             recorder,
             pdb_feed: Arc::default(),
+            pdb_ledger: Arc::default(),
         }
     }
 
@@ -735,6 +737,14 @@ type PdbKey = (String, String);
 
 struct PdbLive {
     pdb: PodDisruptionBudget,
+    /// Shared by every drain of this process that follows the PDB (see [`PdbLedger`]).
+    counts: Arc<Mutex<PdbCounts>>,
+}
+
+/// What the PDB's status does not show yet: the evictions of this process that its
+/// `disruptionsAllowed` does not account for.
+#[derive(Debug, Default)]
+struct PdbCounts {
     /// Evictions counted against this PDB whose answer has not come back.
     in_flight: i32,
     /// Pods we evicted whose eviction no status we have seen accounts for yet, so
@@ -748,6 +758,45 @@ struct PdbLive {
     reflected: BTreeSet<String>,
 }
 
+impl PdbCounts {
+    /// Folds in a status that lists `disrupted`.
+    fn saw(&mut self, disrupted: BTreeSet<String>) {
+        self.unseen.retain(|name| !disrupted.contains(name));
+        self.reflected.extend(disrupted);
+    }
+}
+
+/// The [`PdbCounts`] of every PDB some drain of this process follows. The controller runs one
+/// drain per node; if each counted only its own evictions, a burst of drains would all spend
+/// the same budget at once and the apiserver would answer most of them 429. Entries go when no
+/// drain holds them any more.
+#[derive(Default)]
+struct PdbLedger(Mutex<HashMap<PdbKey, std::sync::Weak<Mutex<PdbCounts>>>>);
+
+impl PdbLedger {
+    fn counts(&self, key: &PdbKey, disrupted: BTreeSet<String>) -> Arc<Mutex<PdbCounts>> {
+        let mut ledger = lock(&self.0);
+        if let Some(counts) = ledger.get(key).and_then(std::sync::Weak::upgrade) {
+            lock(&counts).saw(disrupted);
+            return counts;
+        }
+        ledger.retain(|_, counts| counts.strong_count() > 0);
+        let counts = Arc::new(Mutex::new(PdbCounts {
+            reflected: disrupted,
+            ..PdbCounts::default()
+        }));
+        ledger.insert(key.clone(), Arc::downgrade(&counts));
+        counts
+    }
+}
+
+/// Counts stay consistent under a panic elsewhere (each update is one field operation).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl PdbLive {
     /// `disruptionsAllowed`, when the disruption controller has computed it for the current spec.
     fn allowed(&self) -> Option<i32> {
@@ -758,7 +807,8 @@ impl PdbLive {
     }
 
     fn budget(&self) -> Option<i32> {
-        Some(self.allowed()? - self.in_flight - self.unseen.len() as i32)
+        let counts = lock(&self.counts);
+        Some(self.allowed()? - counts.in_flight - counts.unseen.len() as i32)
     }
 
     fn name(&self) -> String {
@@ -932,15 +982,9 @@ impl<'a> Engine<'a> {
         let pdbs = pdbs
             .into_iter()
             .map(|pdb| {
-                (
-                    pdb_key(&pdb),
-                    PdbLive {
-                        reflected: disrupted_pods(&pdb),
-                        pdb,
-                        in_flight: 0,
-                        unseen: BTreeSet::new(),
-                    },
-                )
+                let key = pdb_key(&pdb);
+                let counts = drainer.pdb_ledger.counts(&key, disrupted_pods(&pdb));
+                (key, PdbLive { pdb, counts })
             })
             .collect();
         Engine {
@@ -1382,7 +1426,7 @@ impl<'a> Engine<'a> {
             && let Some(live) = self.pdbs.get_mut(key)
         {
             allowed = live.allowed();
-            live.in_flight += 1;
+            lock(&live.counts).in_flight += 1;
         }
         let step = &mut self.nodes[n].steps[i];
         step.gate_allowed = allowed;
@@ -1453,7 +1497,7 @@ impl<'a> Engine<'a> {
                 self.nodes[n].steps[i].in_flight = false;
                 let gate_live = gate.as_ref().and_then(|k| self.pdbs.get_mut(k));
                 if let Some(live) = gate_live {
-                    live.in_flight -= 1;
+                    lock(&live.counts).in_flight -= 1;
                 }
                 if self.nodes[n].steps[i].phase == StepPhase::Gone {
                     return;
@@ -1470,8 +1514,9 @@ impl<'a> Engine<'a> {
                                         disruptions_allowed: allowed,
                                     };
                                     let name = &self.nodes[n].steps[i].key.name;
-                                    if !live.reflected.contains(name) {
-                                        live.unseen.insert(name.clone());
+                                    let mut counts = lock(&live.counts);
+                                    if !counts.reflected.contains(name) {
+                                        counts.unseen.insert(name.clone());
                                     }
                                     seen
                                 });
@@ -1822,7 +1867,7 @@ impl<'a> Engine<'a> {
         let namespace = step.key.namespace.clone();
         let mut freed = Vec::new();
         for (key, live) in self.pdbs.iter_mut() {
-            if key.0 == namespace && live.unseen.remove(&name) {
+            if key.0 == namespace && lock(&live.counts).unseen.remove(&name) {
                 freed.push(key.clone());
             }
         }
@@ -1894,20 +1939,12 @@ impl<'a> Engine<'a> {
             Some(live) => {
                 let changed = selector(&live.pdb) != selector(&pdb);
                 live.pdb = pdb;
-                live.unseen.retain(|name| !disrupted.contains(name));
-                live.reflected.extend(disrupted);
+                lock(&live.counts).saw(disrupted);
                 changed
             }
             None => {
-                self.pdbs.insert(
-                    key.clone(),
-                    PdbLive {
-                        pdb,
-                        in_flight: 0,
-                        unseen: BTreeSet::new(),
-                        reflected: disrupted,
-                    },
-                );
+                let counts = self.drainer.pdb_ledger.counts(&key, disrupted);
+                self.pdbs.insert(key.clone(), PdbLive { pdb, counts });
                 true
             }
         };
@@ -2118,25 +2155,58 @@ mod tests {
 
     #[test]
     fn the_budget_counts_evictions_the_status_does_not_show_yet() {
+        let ledger = PdbLedger::default();
+        let key = ("shop".to_string(), "web".to_string());
         let mut live = PdbLive {
             pdb: pdb_with(2, &[]),
-            in_flight: 1,
-            unseen: BTreeSet::new(),
-            reflected: BTreeSet::new(),
+            counts: ledger.counts(&key, BTreeSet::new()),
         };
+        lock(&live.counts).in_flight = 1;
         assert_eq!(live.budget(), Some(1), "one eviction on its way");
-        live.in_flight = 0;
-        live.unseen.insert("web-1".into());
+        lock(&live.counts).in_flight = 0;
+        lock(&live.counts).unseen.insert("web-1".into());
         assert_eq!(live.budget(), Some(1), "answered, not yet in the status");
         // The status written by that eviction lists the pod and already counts it.
         live.pdb = pdb_with(1, &["web-1"]);
-        live.unseen
-            .retain(|n| !disrupted_pods(&live.pdb).contains(n));
+        lock(&live.counts).saw(disrupted_pods(&live.pdb));
         assert_eq!(live.budget(), Some(1));
         // A status the disruption controller has not computed for the current spec says nothing.
         live.pdb.metadata.generation = Some(2);
         assert_eq!(live.allowed(), None);
         assert_eq!(live.budget(), None);
+    }
+
+    #[test]
+    fn drains_of_one_process_share_a_budget_and_forget_it_together() {
+        let ledger = PdbLedger::default();
+        let key = ("shop".to_string(), "web".to_string());
+        let first = PdbLive {
+            pdb: pdb_with(2, &[]),
+            counts: ledger.counts(&key, BTreeSet::new()),
+        };
+        let second = PdbLive {
+            pdb: pdb_with(2, &[]),
+            counts: ledger.counts(&key, BTreeSet::new()),
+        };
+        lock(&first.counts).in_flight += 1;
+        assert_eq!(
+            second.budget(),
+            Some(1),
+            "the other drain's eviction counts"
+        );
+        lock(&second.counts).unseen.insert("web-2".into());
+        assert_eq!(first.budget(), Some(0));
+        // A status seen by either drain settles it for both.
+        lock(&second.counts).saw(["web-2".to_string()].into());
+        assert_eq!(first.budget(), Some(1));
+        drop((first, second));
+        let fresh = ledger.counts(&key, BTreeSet::new());
+        assert_eq!(
+            lock(&fresh).in_flight,
+            0,
+            "nothing outlives the drains that held it"
+        );
+        assert_eq!(lock(&ledger.0).len(), 1);
     }
 
     #[test]
