@@ -46,11 +46,22 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use support::bench::{
-    env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs, watch_pods,
+    cpu_seconds, env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs,
+    watch_pods,
 };
 use support::controller::{admin_get, instance_id, spot_body};
 use support::drain::{name_of, pdb, wait_schedulable};
 use support::{Sandbox, Scope, TEST_KEY};
+
+/// Sandbox processes whose CPU use is reported (command names, as in /proc/PID/comm).
+const SANDBOX_PROCESSES: &[&str] = &[
+    "kube-apiserver",
+    "etcd",
+    "kube-scheduler",
+    "kube-controller",
+    "kwok-controller",
+    "moto_server",
+];
 
 /// Replacement pods each spare node takes.
 const SPARE_NODE_PODS: usize = 500;
@@ -271,6 +282,9 @@ struct Burst {
     peak_rss_kib: Option<u64>,
     controller_p_sum: f64,
     sent_after: Duration,
+    /// CPU seconds used during the burst, per process (`self` is the controller).
+    cpu: Vec<(String, f64)>,
+    blocked: f64,
     /// The controller's own receive-to-cordon histogram: (upper bound, cumulative count).
     own: Vec<(f64, f64)>,
 }
@@ -392,6 +406,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     // Both watches have listed and the controller has settled.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
+    let cpu_before = cpu_seconds(SANDBOX_PROCESSES, Some(pid));
     eprintln!("burst: sending {count} spot warnings at once");
     let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let first_send = Instant::now();
@@ -468,6 +483,16 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     .await
     .ok();
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    let cpu: Vec<(String, f64)> = cpu_seconds(SANDBOX_PROCESSES, Some(pid))
+        .into_iter()
+        .map(|(name, after)| {
+            let before = cpu_before.get(&name).copied().unwrap_or(0.0);
+            (name, after - before)
+        })
+        .collect();
+    let blocked = controller
+        .metric_sum("nodedrain_eviction_pdb_blocked_total")
+        .await;
     let overrides = controller
         .metric_sum("nodedrain_deadline_overrides_total")
         .await;
@@ -512,6 +537,8 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         controller_p_sum,
         sent_after,
         own,
+        cpu,
+        blocked,
     }
 }
 
@@ -722,8 +749,8 @@ fn main() {
                 b.min_margin.map_or("—".to_string(), |m| m.to_string())
             );
             println!(
-                "| evictions / deadline overrides | {} / {} | |",
-                b.evicted, b.overrides
+                "| evictions / deadline overrides / evictions refused by a PDB (429) | {} / {} / {} | |",
+                b.evicted, b.overrides, b.blocked
             );
             println!(
                 "| controller's own event-to-cordon mean (event time → patched) | {} | |",
@@ -738,6 +765,15 @@ fn main() {
                 at_most(bucket_quantile(&b.own, 0.99))
             );
             println!("| controller peak RSS | {} | |", mem(b.peak_rss_kib));
+            let cpu: Vec<String> = b
+                .cpu
+                .iter()
+                .map(|(name, s)| {
+                    let name = if name == "self" { "nodedrain" } else { name };
+                    format!("{name} {s:.0}")
+                })
+                .collect();
+            println!("| CPU seconds used during the burst | {} | |", cpu.join(", "));
         }
         if let Some(i) = idle {
             println!();

@@ -195,3 +195,45 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
+
+/// CPU seconds (user + system) each process whose command name starts with one of `names` has
+/// used so far, summed per name; `pid` adds one more process under the name `"self"`.
+pub fn cpu_seconds(names: &[&str], pid: Option<u32>) -> BTreeMap<String, f64> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // The command name is in parentheses and may hold spaces; fields follow the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let used = fields
+            .get(11)
+            .zip(fields.get(12))
+            .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
+            .unwrap_or(0.0)
+            / ticks;
+        let name = if Some(p) == pid {
+            Some("self".to_string())
+        } else {
+            names
+                .iter()
+                .find(|n| comm.starts_with(*n))
+                .map(|n| n.to_string())
+        };
+        if let Some(name) = name {
+            *out.entry(name).or_default() += used;
+        }
+    }
+    out
+}
