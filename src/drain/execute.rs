@@ -31,7 +31,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -426,7 +426,7 @@ impl Drainer {
             async move {
                 api.list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
                     .await
-                    .map(|list| list.items)
+                    .map(|list| list.items.into_iter().map(trimmed).collect::<Vec<Pod>>())
                     .map_err(api_err(format!("list pods on node {name}")))
             }
         }));
@@ -927,6 +927,13 @@ fn pod_uid(pod: &Pod) -> Option<&str> {
 
 fn pod_ns(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or_default()
+}
+
+/// A pod without its `managedFields`: a drain keeps every pod of its nodes for its whole run, and
+/// those fields (which nothing here reads) are most of a pod's size.
+fn trimmed(mut pod: Pod) -> Pod {
+    pod.managed_fields_mut().clear();
+    pod
 }
 
 /// The pod names in the PDB's `status.disruptedPods`.
@@ -1715,6 +1722,9 @@ impl<'a> Engine<'a> {
                     Api::namespaced(self.client.clone(), &self.surges[index].namespace);
                 let stream = watcher(api, watcher::Config::default().labels(&selector))
                     .default_backoff()
+                    .modify(|pod| {
+                        pod.managed_fields_mut().clear();
+                    })
                     .map(move |event| Input::SurgePods {
                         surge: index,
                         event,
