@@ -47,7 +47,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use support::bench::{
     cpu_seconds, env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs,
-    watch_pods,
+    watch_pods, when_empty,
 };
 use support::controller::{admin_get, instance_id, spot_body};
 use support::drain::{name_of, pdb, wait_schedulable};
@@ -470,18 +470,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
             .filter_map(|(node, at)| Some(cordons.get(node)?.saturating_duration_since(*at)))
             .collect()
     };
-    let drained_at = tokio::time::timeout(Duration::from_secs(600), async {
-        loop {
-            if let Some(at) = *empty.borrow() {
-                return at;
-            }
-            if empty.changed().await.is_err() {
-                return Instant::now();
-            }
-        }
-    })
-    .await
-    .ok();
+    let drained_at = when_empty(&mut empty, Duration::from_secs(600)).await;
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
     let cpu: Vec<(String, f64)> = cpu_seconds(SANDBOX_PROCESSES, Some(pid))
         .into_iter()

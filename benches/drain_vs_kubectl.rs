@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 use serde_json::json;
-use support::bench::{env_list, env_or, tail, wait_all_ready, wait_pdbs, watch_pods};
+use support::bench::{env_list, env_or, tail, wait_all_ready, wait_pdbs, watch_pods, when_empty};
 use support::drain::{deployment_with, name_of, pdb, wait_schedulable};
 use support::{Sandbox, Scope};
 
@@ -242,18 +242,7 @@ async fn measure(sandbox: &Sandbox, scenario: &str, tool: Tool, fixture: Fixture
         tokio::task::spawn_blocking(move || run_tool(tool, &nodes, &kubeconfig))
             .await
             .expect("tool thread");
-    let emptied = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Some(at) = *empty.borrow() {
-                return at;
-            }
-            if empty.changed().await.is_err() {
-                return Instant::now();
-            }
-        }
-    })
-    .await
-    .ok();
+    let emptied = when_empty(&mut empty, Duration::from_secs(60)).await;
     let after = apiserver_requests(&sandbox.client).await;
     watch_task.abort();
     let violations = {

@@ -237,3 +237,22 @@ pub fn cpu_seconds(names: &[&str], pid: Option<u32>) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// When [`watch_pods`] saw the drained nodes empty, waiting up to `timeout`; `None` if not by then.
+pub async fn when_empty(
+    empty: &mut watch::Receiver<Option<Instant>>,
+    timeout: Duration,
+) -> Option<Instant> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(at) = *empty.borrow() {
+                return at;
+            }
+            if empty.changed().await.is_err() {
+                return Instant::now();
+            }
+        }
+    })
+    .await
+    .ok()
+}
