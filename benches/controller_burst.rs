@@ -574,6 +574,19 @@ async fn remove_scope(scope: Scope) {
             &ListParams::default(),
         )
         .await;
+    let nodes: Api<Node> = Api::all(scope.client.clone());
+    let mine = ListParams::default().labels(&format!("{TEST_KEY}={}", scope.id));
+    // Under load a collection delete can time out part-way; nodes left with drain records would
+    // be resumed by the next controller anyone starts on this sandbox.
+    for _ in 0..30 {
+        let _ = nodes
+            .delete_collection(&DeleteParams::default(), &mine)
+            .await;
+        match nodes.list_metadata(&mine).await {
+            Ok(list) if list.items.is_empty() => break,
+            _ => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
     scope.cleanup().await;
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use aws_sdk_ec2::error::DisplayErrorContext;
 use aws_sdk_ec2::types::Filter;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -316,9 +316,9 @@ impl NodeWatch {
     /// Starts nothing: returns the handle and the future that runs the watch until `cancel`.
     /// Spawn the future. `readiness` gets [`READINESS_COMPONENT`] marked after the first list.
     ///
-    /// Objects in the store are trimmed of `managedFields`, `status.images` and the
-    /// last-applied annotation: at 5,000 nodes those are most of the memory and nobody reads
-    /// them.
+    /// Objects in the store are trimmed to what the controller reads: metadata without
+    /// `managedFields` and the last-applied annotation, the spec, and `status.addresses` (see
+    /// `trim`).
     pub fn new(
         api: Api<Node>,
         readiness: Option<Readiness>,
@@ -410,11 +410,17 @@ impl NodeWatch {
     }
 }
 
+/// Keeps what the controller reads (labels, annotations, spec, addresses). Conditions, capacity,
+/// node info, images and managed fields are most of a node and, at 5,000 nodes, most of the
+/// controller's memory.
 fn trim(node: &mut Node) {
     node.meta_mut().managed_fields = None;
     node.annotations_mut().remove(LAST_APPLIED);
-    if let Some(status) = node.status.as_mut() {
-        status.images = None;
+    if let Some(status) = node.status.take() {
+        node.status = Some(NodeStatus {
+            addresses: status.addresses,
+            ..NodeStatus::default()
+        });
     }
 }
 

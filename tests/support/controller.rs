@@ -23,6 +23,9 @@ use super::{Scope, TEST_KEY, var};
 /// can be recognised and removed.
 pub const SCOPE_PREFIX: &str = "ctl-";
 
+/// Prefix of the benchmarks' scope names (`benches/`).
+pub const BENCH_PREFIX: &str = "bench-";
+
 pub fn fixture(name: &str) -> Value {
     let path = format!(
         "{}/tests/fixtures/events/{name}",
@@ -385,7 +388,10 @@ pub async fn remove_stale_nodes(client: &kube::Client) {
             .and_then(|l| l.get(TEST_KEY))
             .cloned()
             .unwrap_or_default();
-        if owner.starts_with(SCOPE_PREFIX) && !owner.contains(&mine) {
+        // A benchmark's nodes carry drain records too; one it could not clean up would be
+        // resumed by every controller the tests start.
+        let ours = owner.starts_with(SCOPE_PREFIX) || owner.starts_with(BENCH_PREFIX);
+        if ours && !owner.contains(&mine) {
             let name = node.metadata.name.clone().unwrap_or_default();
             let _ = nodes.delete(&name, &DeleteParams::default()).await;
         }
