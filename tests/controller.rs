@@ -13,32 +13,19 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
-use support::aws::{create_queue, sdk_config, send, wait_empty};
+use support::aws::{create_queue, send, wait_empty};
 use support::controller::{
-    Controller, Launch, Recorded, SCOPE_PREFIX, asg_direct_body, autoscaling_recorder, event_id,
+    Controller, LB_LABEL, Launch, Recorded, asg_direct_body, autoscaling_recorder, event_id,
     fixture, has_label, health_body, instance_id, interruption_taint, node_event_count,
-    non_daemonset_pods, phase, record, remove_stale_nodes, spot_body, unschedulable, wait_node,
+    non_daemonset_pods, phase, record, report, setup, spot_body, sqs, unschedulable, wait_node,
 };
 use support::drain::{
     deployment, eventually, name_of, node_of, on_node, pdb, scale, set_unschedulable,
     wait_for_budget, wait_schedulable, watch_ready,
 };
-use support::{Sandbox, Scope, ready_pods, var};
+use support::{Scope, ready_pods};
 
 static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-
-async fn sqs() -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(&sdk_config(&var("AWS_ENDPOINT_URL")).await)
-}
-
-async fn setup(name: &str) -> (Sandbox, Scope) {
-    let sandbox = Sandbox::connect().await;
-    remove_stale_nodes(&sandbox.client).await;
-    let scope = sandbox.scope(&format!("{SCOPE_PREFIX}{name}")).await;
-    (sandbox, scope)
-}
 
 /// Waits until no non-DaemonSet pod is left on `node` (terminating ones included).
 async fn wait_node_empty(scope: &Scope, node: &str, timeout: Duration) {
@@ -50,10 +37,6 @@ async fn wait_node_empty(scope: &Scope, node: &str, timeout: Duration) {
         async move { non_daemonset_pods(&client, &node).await.is_empty() }
     })
     .await;
-}
-
-fn report(test: &str, started: Instant) {
-    eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,34 +19,18 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::aws::{Moto, create_queue, depth, free_port, sdk_config, send, wait_empty};
 use support::controller::{
-    Controller, Launch, Recorded, SCOPE_PREFIX, asg_eventbridge_body, autoscaling_recorder,
+    Controller, LB_LABEL, Launch, Recorded, asg_eventbridge_body, autoscaling_recorder,
     capacity_reservation_body, complete_lifecycle_actions, create_node_claim, ensure_nodeclaim_crd,
     event_id, fixture, get_node, has_label, instance_id, interruption_taint, node_claims,
-    non_daemonset_pods, phase, rebalance_body, record, remove_stale_nodes, sns_asg_body,
-    sns_spot_body, spot_body, state_change_body, unschedulable, wait_node,
+    non_daemonset_pods, phase, rebalance_body, record, report, setup, sns_asg_body, sns_spot_body,
+    spot_body, sqs, state_change_body, unschedulable, wait_node,
 };
 use support::drain::{deployment, eventually, name_of, on_node, wait_schedulable, watch_ready};
-use support::{Sandbox, Scope, ready_pods, var};
+use support::{Scope, ready_pods};
 
 static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 const NODEPOOL_LABEL: &str = "karpenter.sh/nodepool";
-
-async fn sqs() -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(&sdk_config(&var("AWS_ENDPOINT_URL")).await)
-}
-
-async fn setup(name: &str) -> (Sandbox, Scope) {
-    let sandbox = Sandbox::connect().await;
-    remove_stale_nodes(&sandbox.client).await;
-    let scope = sandbox.scope(&format!("{SCOPE_PREFIX}{name}")).await;
-    (sandbox, scope)
-}
-
-fn report(test: &str, started: Instant) {
-    eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
-}
 
 /// Starts a controller without leader election and waits until it is ready.
 async fn start(name: &str, queue_url: &str, extra: &[&str], env: &[(&str, String)]) -> Controller {

@@ -23,6 +23,27 @@ use super::{Scope, TEST_KEY, var};
 /// can be recognised and removed.
 pub const SCOPE_PREFIX: &str = "ctl-";
 
+/// The label that takes a node out of external load balancers.
+pub const LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// An SQS client for the sandbox's moto.
+pub async fn sqs() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&super::aws::sdk_config(&var("AWS_ENDPOINT_URL")).await)
+}
+
+/// The sandbox, cleared of stale controller-test and bench nodes, and a fresh scope `ctl-<name>`.
+pub async fn setup(name: &str) -> (super::Sandbox, Scope) {
+    let sandbox = super::Sandbox::connect().await;
+    remove_stale_nodes(&sandbox.client).await;
+    let scope = sandbox.scope(&format!("{SCOPE_PREFIX}{name}")).await;
+    (sandbox, scope)
+}
+
+/// Prints a test's wall time.
+pub fn report(test: &str, started: std::time::Instant) {
+    eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
+}
+
 /// Prefix of the benchmarks' scope names (`benches/`).
 pub const BENCH_PREFIX: &str = "bench-";
 
