@@ -17,7 +17,8 @@ use support::aws::{create_queue, send, wait_empty};
 use support::controller::{
     Controller, LB_LABEL, Launch, Recorded, asg_direct_body, autoscaling_recorder, event_id,
     fixture, has_label, health_body, instance_id, interruption_taint, node_event_count,
-    non_daemonset_pods, phase, record, report, setup, spot_body, sqs, unschedulable, wait_node,
+    non_daemonset_pods, phase, record, report, setup, spot_body, sqs, unschedulable,
+    victim_with_pods, wait_node,
 };
 use support::drain::{
     deployment, eventually, name_of, node_of, on_node, pdb, scale, set_unschedulable,
@@ -193,14 +194,7 @@ async fn asg_terminate_hook_is_completed_after_the_drain() {
     let (_sandbox, scope) = setup("asg").await;
     let sqs = sqs().await;
     let queue = create_queue(&sqs, "ctl-asg", &[]).await;
-    let nodes = scope.nodes(2).await;
-    let victim = name_of(&nodes[0]);
-    on_node(&scope, &nodes, &victim, || async {
-        deployment(&scope, "app", 2, 1, json!({})).await;
-        ready_pods(&scope.pods(), "app=app", 2, Duration::from_secs(30)).await;
-    })
-    .await;
-    wait_schedulable(&scope, &nodes).await;
+    let (nodes, victim) = victim_with_pods(&scope).await;
 
     let recorded: Recorded = Arc::new(Mutex::new(Vec::new()));
     let endpoint = autoscaling_recorder(recorded.clone()).await;

@@ -23,7 +23,7 @@ use support::controller::{
     capacity_reservation_body, complete_lifecycle_actions, create_node_claim, ensure_nodeclaim_crd,
     event_id, fixture, get_node, has_label, instance_id, interruption_taint, node_claims,
     non_daemonset_pods, phase, rebalance_body, record, report, setup, sns_asg_body, sns_spot_body,
-    spot_body, sqs, state_change_body, unschedulable, wait_node,
+    spot_body, sqs, state_change_body, unschedulable, victim_with_pods, wait_node,
 };
 use support::drain::{deployment, eventually, name_of, on_node, wait_schedulable, watch_ready};
 use support::{Scope, ready_pods};
@@ -43,20 +43,6 @@ async fn start(name: &str, queue_url: &str, extra: &[&str], env: &[(&str, String
     });
     controller.wait_ready(Duration::from_secs(30)).await;
     controller
-}
-
-/// Two nodes; a Deployment `app` of two replicas with a 1 s grace period on the first (the
-/// victim), so that its drain has pods to move and the second node room for them.
-async fn victim_with_pods(scope: &Scope) -> (Vec<Node>, String) {
-    let nodes = scope.nodes(2).await;
-    let victim = name_of(&nodes[0]);
-    on_node(scope, &nodes, &victim, || async {
-        deployment(scope, "app", 2, 1, json!({})).await;
-        ready_pods(&scope.pods(), "app=app", 2, Duration::from_secs(30)).await;
-    })
-    .await;
-    wait_schedulable(scope, &nodes).await;
-    (nodes, victim)
 }
 
 /// Waits until the victim is cordoned with a record, then checks what every interruption must

@@ -44,6 +44,20 @@ pub fn report(test: &str, started: std::time::Instant) {
     eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
 }
 
+/// Two nodes; a Deployment `app` of two replicas with a 1 s grace period on the first (the
+/// victim), so that its drain has pods to move and the second node room for them.
+pub async fn victim_with_pods(scope: &Scope) -> (Vec<Node>, String) {
+    let nodes = scope.nodes(2).await;
+    let victim = super::drain::name_of(&nodes[0]);
+    super::drain::on_node(scope, &nodes, &victim, || async {
+        super::drain::deployment(scope, "app", 2, 1, serde_json::json!({})).await;
+        super::ready_pods(&scope.pods(), "app=app", 2, Duration::from_secs(30)).await;
+    })
+    .await;
+    super::drain::wait_schedulable(scope, &nodes).await;
+    (nodes, victim)
+}
+
 /// Prefix of the benchmarks' scope names (`benches/`).
 pub const BENCH_PREFIX: &str = "bench-";
 
