@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod burst;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -49,6 +49,9 @@ pub const READINESS_COMPONENT: &str = "sqs-intake";
 /// At most this many deliveries in one handler call: bounds the work one call holds up, while
 /// still covering a 200-node burst in a single batch.
 const MAX_DISPATCH: usize = 500;
+/// Batches handled at once. A burst read by several receivers arrives while the first batch is
+/// still being cordoned; its nodes should not wait for that batch's slowest PATCH.
+const BATCHES_IN_FLIGHT: usize = 4;
 /// How long shutdown may spend flushing deletes and releasing in-flight messages.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
@@ -183,10 +186,11 @@ impl Drop for Ack {
 }
 
 /// What the controller implements: take a batch of deliveries and settle each one's [`Ack`],
-/// now or later (acks may be moved into spawned tasks). The intake waits for `handle` to return
-/// before the next call, so `handle` should return once it has taken the batch over (nodes
-/// cordoned, records written, acks settled or handed off) rather than when the drains end, and
-/// promptly once the controller is shutting down.
+/// now or later (acks may be moved into spawned tasks). The intake runs a few batches at once
+/// (a burst arrives while the first batch is still being cordoned) and no more until one
+/// returns, so `handle` should return once it has taken the batch over (nodes cordoned, records
+/// written, acks settled or handed off) rather than when the drains end, and promptly once the
+/// controller is shutting down.
 ///
 /// Any `Fn(Vec<Delivery>) -> impl Future<Output = ()>` is a handler.
 pub trait Handler: Send + Sync + 'static {
@@ -513,7 +517,7 @@ impl<H: Handler> Intake<H> {
         }
         drop(deliveries_tx);
 
-        dispatch(deliveries_rx, &*handler, &config, &cancel).await;
+        dispatch(deliveries_rx, &handler, &config, &cancel).await;
 
         for r in receivers {
             let _ = r.await;
@@ -587,19 +591,22 @@ async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-/// Coalesces deliveries into batches and calls the handler, one batch at a time.
+/// Coalesces deliveries into batches and hands them to the handler, up to
+/// [`BATCHES_IN_FLIGHT`] at once.
 async fn dispatch<H: Handler>(
     mut rx: mpsc::Receiver<Delivery>,
-    handler: &H,
+    handler: &Arc<H>,
     config: &IntakeConfig,
     cancel: &CancellationToken,
 ) {
+    let mut running = tokio::task::JoinSet::new();
     loop {
         let first = tokio::select! {
-            _ = cancel.cancelled() => return,
-            d = rx.recv() => match d {
+            _ = cancel.cancelled() => break,
+            Some(_) = running.join_next(), if !running.is_empty() => continue,
+            d = rx.recv(), if running.len() < BATCHES_IN_FLIGHT => match d {
                 Some(d) => d,
-                None => return,
+                None => break,
             },
         };
         let mut batch = vec![first];
@@ -619,9 +626,25 @@ async fn dispatch<H: Handler>(
                 }
             }
         }
-        debug!(messages = batch.len(), "dispatching a batch");
-        handler.handle(batch).await;
+        // Where a burst's time goes before the handler: in the queue (sent → received) and in
+        // this batch window (received → now).
+        let now = Timestamp::now();
+        let first_sent = batch.iter().filter_map(|d| d.sent_at).min();
+        let first_received = batch.iter().map(|d| d.received_at).min();
+        let millis = |from: Option<Timestamp>, to: Timestamp| {
+            from.map(|f| to.duration_since(f).as_millis() as i64)
+        };
+        debug!(
+            messages = batch.len(),
+            sent_to_received_ms = first_received.and_then(|r| millis(first_sent, r)),
+            received_to_dispatch_ms = millis(first_received, now),
+            "dispatching a batch"
+        );
+        let handler = Arc::clone(handler);
+        running.spawn(async move { handler.handle(batch).await }.in_current_span());
     }
+    // Batches taken over finish: their nodes get cordoned and their acks settled.
+    while running.join_next().await.is_some() {}
 }
 
 struct Receiver {
@@ -1346,7 +1369,67 @@ mod tests {
             tx.send(delivery(4)).await.unwrap();
             drop(tx);
         };
+        let handler = Arc::new(handler);
         tokio::join!(producer, dispatch(rx, &handler, &config, &cancel));
         assert_eq!(*sizes.lock().unwrap(), [4, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_batch_does_not_hold_back_the_next_but_the_limit_does() {
+        let (tx, rx) = mpsc::channel(100);
+        let (ack_tx, _ack_rx) = mpsc::unbounded_channel();
+        let delivery = |n: u64| Delivery {
+            message_id: n.to_string(),
+            interruptions: vec![interruption("e", &format!("i-{n:08}"))],
+            receive_count: 1,
+            sent_at: None,
+            received_at: Timestamp::UNIX_EPOCH,
+            ack: Ack {
+                id: n,
+                commands: ack_tx.clone(),
+                settled: false,
+            },
+        };
+        let config = IntakeConfig::new("q");
+        let start = Instant::now();
+        // (first message id of the batch, when its handling began)
+        let began = Arc::new(Mutex::new(Vec::new()));
+        let recorded = began.clone();
+        // Every batch takes 10 s, as a batch whose cordons hang would.
+        let handler = move |batch: Vec<Delivery>| {
+            let recorded = recorded.clone();
+            async move {
+                let id: u64 = batch[0].message_id.parse().unwrap();
+                recorded.lock().unwrap().push((id, start.elapsed()));
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        };
+        let cancel = CancellationToken::new();
+        let producer = async {
+            // One batch more than may run at once, each 1 s after the last.
+            for n in 0..=BATCHES_IN_FLIGHT as u64 {
+                tx.send(delivery(n)).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            drop(tx);
+        };
+        let handler = Arc::new(handler);
+        tokio::join!(producer, dispatch(rx, &handler, &config, &cancel));
+        let began = began.lock().unwrap().clone();
+        assert_eq!(began.len(), BATCHES_IN_FLIGHT + 1);
+        for (id, at) in &began[..BATCHES_IN_FLIGHT] {
+            // Each handled as it arrived (plus the batch window), while the earlier ones run.
+            assert!(
+                *at < Duration::from_secs(*id) + Duration::from_millis(100),
+                "batch {id} began at {at:?}"
+            );
+        }
+        // The one past the limit waits until the first batch is done.
+        let (id, at) = began[BATCHES_IN_FLIGHT];
+        assert_eq!(id, BATCHES_IN_FLIGHT as u64);
+        assert!(
+            at >= Duration::from_secs(10),
+            "batch past the limit began at {at:?}"
+        );
     }
 }
