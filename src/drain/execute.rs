@@ -53,6 +53,9 @@ use super::surge::{self, SurgeStart};
 use crate::names;
 use crate::node::{self, DrainRecord, NodeError, Phase, describe_api_error, is_forbidden};
 
+/// Default of [`DrainConfig::evictions_per_pdb`].
+pub const EVICTIONS_PER_PDB: usize = 1;
+
 /// Tunables of the executor. The defaults suit both the CLI and the controller.
 #[derive(Debug, Clone)]
 pub struct DrainConfig {
@@ -70,6 +73,16 @@ pub struct DrainConfig {
     pub reporter: String,
     /// `reportingInstance` (the pod name of a controller replica); defaults to `reporter`.
     pub reporting_instance: Option<String>,
+    /// Eviction requests of this process in flight at once against one PDB (at least 1).
+    ///
+    /// Every eviction of a PDB-covered pod rewrites that PDB's status, and the apiserver answers
+    /// a write conflict by sleeping 500 ms and trying again (`EvictionsRetry` in its eviction
+    /// handler), up to 20 times. Evictions sent side by side against one PDB make a conflict
+    /// storm: one wins each round, the rest re-read and re-write, and under a burst the apiserver
+    /// spends its CPU on that and answers 504 after a minute. One at a time per PDB (PDBs still
+    /// go in parallel) had the fewest timeouts and the most evictions in the burst benchmark
+    /// (docs/performance.md).
+    pub evictions_per_pdb: usize,
 }
 
 impl Default for DrainConfig {
@@ -80,6 +93,7 @@ impl Default for DrainConfig {
             multiple_pdb_recheck: Duration::from_secs(30),
             reporter: names::FIELD_MANAGER.to_string(),
             reporting_instance: None,
+            evictions_per_pdb: EVICTIONS_PER_PDB,
         }
     }
 }
@@ -194,10 +208,10 @@ impl Drainer {
         );
         Drainer {
             client,
-            config,
             recorder,
             pdb_feed: Arc::default(),
-            pdb_ledger: Arc::default(),
+            pdb_ledger: Arc::new(PdbLedger::new(config.evictions_per_pdb)),
+            config,
         }
     }
 
@@ -743,7 +757,7 @@ struct PdbLive {
 
 /// What the PDB's status does not show yet: the evictions of this process that its
 /// `disruptionsAllowed` does not account for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PdbCounts {
     /// Evictions counted against this PDB whose answer has not come back.
     in_flight: i32,
@@ -756,6 +770,8 @@ struct PdbCounts {
     /// Every pod name seen in `disruptedPods`: an eviction whose status update arrived before
     /// its answer is never counted as unseen.
     reflected: BTreeSet<String>,
+    /// Turns to send an eviction against this PDB ([`DrainConfig::evictions_per_pdb`]).
+    requests: Arc<tokio::sync::Semaphore>,
 }
 
 impl PdbCounts {
@@ -770,20 +786,37 @@ impl PdbCounts {
 /// drain per node; if each counted only its own evictions, a burst of drains would all spend
 /// the same budget at once and the apiserver would answer most of them 429. Entries go when no
 /// drain holds them any more.
-#[derive(Default)]
-struct PdbLedger(Mutex<HashMap<PdbKey, std::sync::Weak<Mutex<PdbCounts>>>>);
+struct PdbLedger {
+    entries: Mutex<HashMap<PdbKey, std::sync::Weak<Mutex<PdbCounts>>>>,
+    requests_per_pdb: usize,
+}
+
+impl Default for PdbLedger {
+    fn default() -> Self {
+        PdbLedger::new(EVICTIONS_PER_PDB)
+    }
+}
 
 impl PdbLedger {
+    fn new(requests_per_pdb: usize) -> Self {
+        PdbLedger {
+            entries: Mutex::default(),
+            requests_per_pdb: requests_per_pdb.max(1),
+        }
+    }
+
     fn counts(&self, key: &PdbKey, disrupted: BTreeSet<String>) -> Arc<Mutex<PdbCounts>> {
-        let mut ledger = lock(&self.0);
+        let mut ledger = lock(&self.entries);
         if let Some(counts) = ledger.get(key).and_then(std::sync::Weak::upgrade) {
             lock(&counts).saw(disrupted);
             return counts;
         }
         ledger.retain(|_, counts| counts.strong_count() > 0);
         let counts = Arc::new(Mutex::new(PdbCounts {
+            in_flight: 0,
+            unseen: BTreeSet::new(),
             reflected: disrupted,
-            ..PdbCounts::default()
+            requests: Arc::new(tokio::sync::Semaphore::new(self.requests_per_pdb)),
         }));
         ledger.insert(key.clone(), Arc::downgrade(&counts));
         counts
@@ -1429,11 +1462,14 @@ impl<'a> Engine<'a> {
 
     fn push_evict(&mut self, n: usize, i: usize, grace: i64, gate: Option<PdbKey>) {
         let mut allowed = None;
+        let mut turns = None;
         if let Some(key) = &gate
             && let Some(live) = self.pdbs.get_mut(key)
         {
             allowed = live.allowed();
-            lock(&live.counts).in_flight += 1;
+            let mut counts = lock(&live.counts);
+            counts.in_flight += 1;
+            turns = Some(counts.requests.clone());
         }
         let step = &mut self.nodes[n].steps[i];
         step.gate_allowed = allowed;
@@ -1447,6 +1483,11 @@ impl<'a> Engine<'a> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         self.actions.push(
             async move {
+                // Held until the answer is in. The semaphore is never closed.
+                let _turn = match turns {
+                    Some(turns) => turns.acquire_owned().await.ok(),
+                    None => None,
+                };
                 let result =
                     evict::evict(&api, &namespace, &name, uid.as_deref(), Some(grace)).await;
                 Completion::Evict {
@@ -2216,7 +2257,7 @@ mod tests {
             0,
             "nothing outlives the drains that held it"
         );
-        assert_eq!(lock(&ledger.0).len(), 1);
+        assert_eq!(lock(&ledger.entries).len(), 1);
     }
 
     #[test]
