@@ -549,19 +549,28 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
     {
         return;
     }
-    let running = RunningDrain {
-        record: record.clone(),
-        cancel: term.child_token(),
-        done: CancellationToken::new(),
-    };
-    let cancel = running.cancel.clone();
-    let done = running.done.clone();
-    let previous = {
-        let mut draining = shared.draining.lock().unwrap_or_else(|e| e.into_inner());
-        match draining.get(&node) {
-            Some(existing) if same_urgency(&existing.record, &record) => return,
-            _ => draining.insert(node.clone(), running),
+    let cancel = term.child_token();
+    let done = CancellationToken::new();
+    let (record, previous) = {
+        let mut draining = lock(&shared.draining);
+        // Batches run side by side, so a less urgent record may come second (a rebalance read
+        // in the same burst as the spot warning): merged, it never weakens the running drain.
+        let record = match draining.get(&node) {
+            Some(existing) => merge_records(existing.record.clone(), record),
+            None => record,
+        };
+        if draining
+            .get(&node)
+            .is_some_and(|existing| same_urgency(&existing.record, &record))
+        {
+            return;
         }
+        let running = RunningDrain {
+            record: record.clone(),
+            cancel: cancel.clone(),
+            done: done.clone(),
+        };
+        (record, draining.insert(node.clone(), running))
     };
     if let Some(previous) = &previous {
         info!(node = %node, "a more urgent interruption: restarting the drain with it");
@@ -964,5 +973,17 @@ mod tests {
         );
         assert_eq!(later.deadline, merged.deadline);
         assert_eq!(later.kind, "spot-interruption");
+    }
+
+    #[test]
+    fn a_rebalance_read_after_the_spot_warning_leaves_the_drain_as_it_is() {
+        let spot = record("spot-interruption", Some(120), false, 0);
+        let merged = merge_records(
+            spot.clone(),
+            record("rebalance-recommendation", None, true, 1),
+        );
+        assert!(same_urgency(&merged, &spot));
+        assert_eq!(merged.kind, "spot-interruption");
+        assert!(!merged.voluntary);
     }
 }

@@ -1332,22 +1332,31 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn dispatcher_coalesces_what_arrives_within_the_window() {
-        let (tx, rx) = mpsc::channel(100);
-        let (ack_tx, _ack_rx) = mpsc::unbounded_channel();
-        let delivery = |n: u64| Delivery {
+    /// Delivery `n` as a receiver queues it for the dispatcher: one interruption of `instance`.
+    fn queued_delivery(
+        n: u64,
+        instance: &str,
+        commands: &mpsc::UnboundedSender<Command>,
+    ) -> Delivery {
+        Delivery {
             message_id: n.to_string(),
-            interruptions: vec![interruption("e", "i-00000001")],
+            interruptions: vec![interruption("e", instance)],
             receive_count: 1,
             sent_at: None,
             received_at: Timestamp::UNIX_EPOCH,
             ack: Ack {
                 id: n,
-                commands: ack_tx.clone(),
+                commands: commands.clone(),
                 settled: false,
             },
-        };
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dispatcher_coalesces_what_arrives_within_the_window() {
+        let (tx, rx) = mpsc::channel(100);
+        let (ack_tx, _ack_rx) = mpsc::unbounded_channel();
+        let delivery = |n: u64| queued_delivery(n, "i-00000001", &ack_tx);
         let mut config = IntakeConfig::new("q");
         config.batch_window = Duration::from_millis(50);
         let sizes = Arc::new(Mutex::new(Vec::new()));
@@ -1378,18 +1387,7 @@ mod tests {
     async fn a_slow_batch_does_not_hold_back_the_next_but_the_limit_does() {
         let (tx, rx) = mpsc::channel(100);
         let (ack_tx, _ack_rx) = mpsc::unbounded_channel();
-        let delivery = |n: u64| Delivery {
-            message_id: n.to_string(),
-            interruptions: vec![interruption("e", &format!("i-{n:08}"))],
-            receive_count: 1,
-            sent_at: None,
-            received_at: Timestamp::UNIX_EPOCH,
-            ack: Ack {
-                id: n,
-                commands: ack_tx.clone(),
-                settled: false,
-            },
-        };
+        let delivery = |n: u64| queued_delivery(n, &format!("i-{n:08}"), &ack_tx);
         let config = IntakeConfig::new("q");
         let start = Instant::now();
         // (first message id of the batch, when its handling began)
