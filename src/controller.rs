@@ -390,11 +390,7 @@ async fn handle_batch(shared: &Arc<Shared>, batch: Vec<Delivery>) {
         .iter()
         .map(|(_, _, took)| took.as_millis() as u64)
         .max();
-    let prepared: Vec<(Target, bool)> = prepared
-        .into_iter()
-        .map(|(target, ok, _)| (target, ok))
-        .collect();
-    for (target, ok) in &prepared {
+    for (target, ok, _) in &prepared {
         if !ok {
             complete[target.delivery] = false;
         }
@@ -419,8 +415,8 @@ async fn handle_batch(shared: &Arc<Shared>, batch: Vec<Delivery>) {
 
     held.prepared = prepared
         .into_iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(target, _)| (target.node, target.record))
+        .filter(|(_, ok, _)| *ok)
+        .map(|(target, _, _)| (target.node, target.record))
         .collect();
 }
 
@@ -585,10 +581,7 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
             }
             drain_and_hand_over(&task_shared, &cancel, &node, record).await;
             done.cancel();
-            let mut draining = task_shared
-                .draining
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut draining = lock(&task_shared.draining);
             // Only this task's entry: a newer task may have replaced it already.
             if draining.get(&node).is_some_and(|r| r.cancel == cancel) {
                 draining.remove(&node);
@@ -908,13 +901,7 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
                 && record.phase != Phase::HandedOver
                 && record.started.checked_add(after).is_ok_and(|t| t <= now);
             let name = node.name_any();
-            if !survived
-                || shared
-                    .draining
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&name)
-            {
+            if !survived || lock(&shared.draining).contains_key(&name) {
                 continue;
             }
             match node::release(&shared.nodes, &name).await {
