@@ -303,6 +303,12 @@ fn conclude(
 // ---------------------------------------------------------------------------------------------
 // The node watch
 
+/// Nodes per page of the node watch's list. Each page is decoded whole, untrimmed, and the
+/// allocator keeps that high-water mark in every thread's arena: at 5,000 nodes, pages of 500
+/// (kube's default) left the controller at 70-72 MiB resident at rest, pages of 100 at 51-53 MiB,
+/// for the same time to ready (measured side by side, docs/performance.md).
+const NODE_LIST_PAGE_SIZE: u32 = 100;
+
 /// The cluster's nodes, kept current by one watch: a reflector store (objects, for whoever needs
 /// them: resume, node state) and the instance index.
 #[derive(Clone)]
@@ -347,7 +353,7 @@ impl NodeWatch {
             ready,
         };
         let run = async move {
-            let mut config = watcher::Config::default();
+            let mut config = watcher::Config::default().page_size(NODE_LIST_PAGE_SIZE);
             if let Some(selector) = &label_selector {
                 config = config.labels(selector);
             }
