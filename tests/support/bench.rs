@@ -40,10 +40,30 @@ pub struct Seen {
     pub violations: usize,
     pub min_margin: Option<i64>,
     pub below: BTreeSet<String>,
+    /// Ready pods per app, kept in step with `pods`.
+    ready: BTreeMap<String, i64>,
+    /// Pods on the drained nodes, kept in step with `pods`.
+    on_drained: usize,
+}
+
+impl Seen {
+    /// Adds (`sign` 1) or takes away (-1) one pod's share of the running counts.
+    fn count(&mut self, pod: &(String, String, bool), drained: &BTreeSet<String>, sign: i64) {
+        let (node, app, ready) = pod;
+        if *ready {
+            *self.ready.entry(app.clone()).or_default() += sign;
+        }
+        if drained.contains(node) {
+            self.on_drained = self.on_drained.saturating_add_signed(sign as isize);
+        }
+    }
 }
 
 /// Watches the namespace: reports through `empty` when no pod is left on `drained`, and counts
 /// PDB floor violations per Deployment (`floors`: app → minimum Ready).
+///
+/// Counts are kept by difference, not recounted per event: at 6,000 pods a recount on every
+/// event took a whole core away from the sandbox being measured.
 pub fn watch_pods(
     scope: &Scope,
     drained: BTreeSet<String>,
@@ -75,31 +95,36 @@ pub fn watch_pods(
                         .unwrap_or_default();
                     let ready = p.metadata.deletion_timestamp.is_none()
                         && is_pod_ready().matches_object(Some(&p));
-                    seen.pods.insert(
-                        p.metadata.uid.clone().unwrap_or_default(),
-                        (node_of(&p).unwrap_or_default(), app, ready),
-                    );
+                    let entry = (node_of(&p).unwrap_or_default(), app, ready);
+                    seen.count(&entry, &drained, 1);
+                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    if let Some(old) = seen.pods.insert(uid, entry) {
+                        seen.count(&old, &drained, -1);
+                    }
                 }
                 watcher::Event::Delete(p) => {
-                    seen.pods
-                        .remove(p.metadata.uid.as_deref().unwrap_or_default());
+                    let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                    if let Some(old) = seen.pods.remove(uid) {
+                        seen.count(&old, &drained, -1);
+                    }
                 }
                 watcher::Event::InitDone => initialised = true,
-                watcher::Event::Init => {}
+                // A relist starts from nothing; the InitApply events that follow refill it, and
+                // nothing is judged until it is complete.
+                watcher::Event::Init => {
+                    initialised = false;
+                    seen.pods.clear();
+                    seen.ready.clear();
+                    seen.on_drained = 0;
+                }
             }
             if !initialised {
                 continue;
             }
-            let mut ready: BTreeMap<&str, i64> = BTreeMap::new();
-            for (_, app, is_ready) in seen.pods.values() {
-                if *is_ready {
-                    *ready.entry(app.as_str()).or_default() += 1;
-                }
-            }
             let mut below = BTreeSet::new();
             let mut min_margin: Option<i64> = seen.min_margin;
             for (app, floor) in &floors {
-                let margin = ready.get(app.as_str()).copied().unwrap_or(0) - floor;
+                let margin = seen.ready.get(app).copied().unwrap_or(0) - floor;
                 min_margin = Some(min_margin.map_or(margin, |m| m.min(margin)));
                 if margin < 0 {
                     below.insert(app.clone());
@@ -109,12 +134,7 @@ pub fn watch_pods(
             seen.violations += new;
             seen.below = below;
             seen.min_margin = min_margin;
-            let left = seen
-                .pods
-                .values()
-                .filter(|(node, _, _)| drained.contains(node))
-                .count();
-            if left == 0 && empty_tx.borrow().is_none() {
+            if seen.on_drained == 0 && empty_tx.borrow().is_none() {
                 let _ = empty_tx.send(Some(Instant::now()));
             }
         }
