@@ -21,6 +21,9 @@
 //! Measured:
 //! - event-to-cordon: from the moment the send call for a warning starts until a node watch
 //!   sees the node `unschedulable` (p50, p99, max over all nodes);
+//!   The warnings go out once the sandbox's processes use less than `BENCH_QUIET_CORES` [0.5]
+//!   cores (at most 5 minutes of waiting): creating the fixtures keeps the controllers busy for
+//!   minutes, and a burst sent into that measures the leftovers.
 //! - time until every bench node is empty (no pod left on it), from the first send;
 //! - PDB violations: times a watcher saw a ReplicaSet's Ready (not terminating) pods drop below
 //!   its floor (replicas - maxUnavailable), and the lowest Ready - floor seen; deadline overrides
@@ -47,7 +50,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use support::bench::{
     cpu_seconds, env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs,
-    watch_pods, when_empty,
+    wait_quiet, watch_pods, when_empty,
 };
 use support::controller::{admin_get, instance_id, spot_body};
 use support::drain::{name_of, pdb, wait_schedulable};
@@ -284,6 +287,8 @@ struct Burst {
     peak_rss_kib: Option<u64>,
     controller_p_sum: f64,
     sent_after: Duration,
+    /// CPU cores the sandbox used in the second before the burst.
+    load_before: f64,
     /// CPU seconds used during the burst, per process (`self` is the controller).
     cpu: Vec<(String, f64)>,
     blocked: f64,
@@ -407,6 +412,12 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     let (seen, mut empty, pod_task) = watch_pods(&scope, drained.clone(), floors);
     // Both watches have listed and the controller has settled.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet_cores: f64 = env_or("BENCH_QUIET_CORES", 0.5);
+    let (waited, load) = wait_quiet(SANDBOX_PROCESSES, quiet_cores, Duration::from_secs(300)).await;
+    eprintln!(
+        "burst: sandbox at {load:.2} cores after waiting {:.0?} for it to settle",
+        waited
+    );
 
     let cpu_before = cpu_seconds(SANDBOX_PROCESSES, Some(pid));
     eprintln!("burst: sending {count} spot warnings at once");
@@ -527,6 +538,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         peak_rss_kib,
         controller_p_sum,
         sent_after,
+        load_before: load,
         own,
         cpu,
         blocked,
@@ -749,6 +761,10 @@ fn main() {
             println!(
                 "| all send calls answered (by moto) | {} | |",
                 secs(Some(b.sent_after))
+            );
+            println!(
+                "| sandbox CPU in the second before the burst | {:.2} cores | |",
+                b.load_before
             );
             println!("| nodes cordoned | {} of {} | all |", b.cordoned, b.nodes);
             println!(

@@ -276,3 +276,19 @@ pub async fn when_empty(
     .await
     .ok()
 }
+
+/// Waits until `processes` together use less than `cores` of CPU over one second, or `max` has
+/// passed; returns how long it waited and the last second's use. Creating thousands of fixture
+/// objects leaves the controllers busy for a while; a burst sent into that measures the
+/// leftovers, not the burst.
+pub async fn wait_quiet(processes: &[&str], cores: f64, max: Duration) -> (Duration, f64) {
+    let start = Instant::now();
+    loop {
+        let before: f64 = cpu_seconds(processes, None).values().sum();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let used: f64 = cpu_seconds(processes, None).values().sum::<f64>() - before;
+        if used < cores || start.elapsed() >= max {
+            return (start.elapsed(), used);
+        }
+    }
+}
