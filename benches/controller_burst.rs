@@ -578,16 +578,26 @@ async fn wait_adopted(scope: &Scope, count: usize) {
 
 /// Deletes the scope's pods at once (grace 0), then its nodes and namespace.
 async fn remove_scope(scope: Scope) {
-    let _ = scope
-        .pods()
-        .delete_collection(
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            },
-            &ListParams::default(),
-        )
-        .await;
+    // At 50,000 pods one collection delete runs out of time part-way. Pods left behind when
+    // their nodes go are deleted by the namespace controller one grace period at a time, which
+    // kept the sandbox busy for half an hour after an idle run.
+    let pods = scope.pods();
+    let everything = ListParams::default().limit(1);
+    for _ in 0..30 {
+        let _ = pods
+            .delete_collection(
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                },
+                &ListParams::default(),
+            )
+            .await;
+        match pods.list_metadata(&everything).await {
+            Ok(list) if list.items.is_empty() => break,
+            _ => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
     let nodes: Api<Node> = Api::all(scope.client.clone());
     let mine = ListParams::default().labels(&format!("{TEST_KEY}={}", scope.id));
     // Under load a collection delete can time out part-way; nodes left with drain records would
