@@ -552,15 +552,15 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
         // Batches run side by side, so a less urgent record may come second (a rebalance read
         // in the same burst as the spot warning): merged, it never weakens the running drain.
         let record = match draining.get(&node) {
-            Some(existing) => merge_records(existing.record.clone(), record),
+            Some(existing) => {
+                let merged = merge_records(existing.record.clone(), record);
+                if same_urgency(&existing.record, &merged) {
+                    return;
+                }
+                merged
+            }
             None => record,
         };
-        if draining
-            .get(&node)
-            .is_some_and(|existing| same_urgency(&existing.record, &record))
-        {
-            return;
-        }
         let running = RunningDrain {
             record: record.clone(),
             cancel: cancel.clone(),
