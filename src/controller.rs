@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::admin::{AdminError, AdminServer, Readiness};
 use crate::burst::{BurstHold, Release};
 use crate::config::{ControllerConfig, NodeNotFound, RebalanceMode};
-use crate::drain::execute::{DrainConfig, DrainRequest, Drainer};
+use crate::drain::execute::{DrainConfig, DrainRequest, Drainer, Prepared};
+use crate::drain::machine::Origin;
 use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, PolicyError};
 use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
@@ -454,7 +455,7 @@ async fn start_held_drains(shared: Arc<Shared>, term: CancellationToken) {
             Release::Start(drains) => {
                 debug!(drains = drains.len(), "burst cordoned: starting its drains");
                 for (node, record) in drains {
-                    start_drain(&shared, &term, node, record);
+                    start_drain(&shared, &term, node, record, Origin::Fresh);
                 }
                 continue;
             }
@@ -539,7 +540,13 @@ fn same_urgency(a: &DrainRecord, b: &DrainRecord) -> bool {
 /// Starts a drain task for `node`. If one runs already with the same record nothing happens;
 /// with a more urgent record (merged by [`merge_records`]) the running one is cancelled and the
 /// new one starts when it has stopped.
-fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, record: DrainRecord) {
+fn start_drain(
+    shared: &Arc<Shared>,
+    term: &CancellationToken,
+    node: String,
+    record: DrainRecord,
+    origin: Origin,
+) {
     if record.kind == InterruptionKind::RebalanceRecommendation.as_str()
         && shared.config.behaviour.rebalance == RebalanceMode::CordonOnly
     {
@@ -579,7 +586,7 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
             if let Some(previous) = previous {
                 previous.done.cancelled().await;
             }
-            drain_and_hand_over(&task_shared, &cancel, &node, record).await;
+            drain_and_hand_over(&task_shared, &cancel, &node, record, origin).await;
             done.cancel();
             let mut draining = lock(&task_shared.draining);
             // Only this task's entry: a newer task may have replaced it already.
@@ -619,7 +626,7 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
         };
         if unfinished {
             resumed += 1;
-            start_drain(shared, term, node.name_any(), record);
+            start_drain(shared, term, node.name_any(), record, Origin::Resumed);
         }
     }
     info!(resumed, "resumed unfinished drains from node records");
@@ -632,6 +639,7 @@ async fn drain_and_hand_over(
     cancel: &CancellationToken,
     name: &str,
     record: DrainRecord,
+    origin: Origin,
 ) {
     let _draining = shared.metrics.draining_guard();
     let started = Instant::now();
@@ -656,7 +664,16 @@ async fn drain_and_hand_over(
         options,
         policy: shared.policy.clone(),
         timeout: None,
-        record: Some(record.clone()),
+        // Prepared by the batch that read the interruption, or by an earlier leader.
+        prepared: Some(Prepared {
+            record: record.clone(),
+            reference: shared
+                .watch
+                .store()
+                .get(&ObjectRef::new(name))
+                .map(|node| node.object_ref(&())),
+            origin,
+        }),
         cancel: cancel.clone(),
     };
 
