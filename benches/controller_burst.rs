@@ -28,6 +28,11 @@
 //! - PDB violations: times a watcher saw a ReplicaSet's Ready (not terminating) pods drop below
 //!   its floor (replicas - maxUnavailable), and the lowest Ready - floor seen; deadline overrides
 //!   as the controller counted them;
+//! - `BENCH_CONTROLLER_WRAPPER` (space-separated) runs the controller under a tool, e.g. a heap
+//!   profiler: `BENCH_CGROUP=off BENCH_CONTROLLER_WRAPPER="heaptrack -o /tmp/burst"`;
+//! - for the burst, the controller runs in a cgroup with the chart's `resources.limits` (read
+//!   from charts/nodedrain/values.yaml; `BENCH_CGROUP=off` runs it without): OOM kills and
+//!   limit hits (`memory.oom_control`, `memory.failcnt`) and CPU throttling (`cpu.stat`);
 //! - the controller's resident memory: peak (`VmHWM`) over the run, and for idle also the
 //!   resident set (`VmRSS`) after `BENCH_IDLE_SETTLE` [30] s at rest; start-to-ready is process
 //!   start until `/readyz` answers 200 (the node list is loaded and the queue is being read).
@@ -52,6 +57,7 @@ use support::bench::{
     cpu_seconds, env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs,
     wait_quiet, watch_pods, when_empty,
 };
+use support::cgroup::{Cgroup, CgroupStats, ChartLimits};
 use support::controller::{admin_get, instance_id, spot_body};
 use support::drain::{name_of, pdb, wait_schedulable};
 use support::{Sandbox, Scope, TEST_KEY};
@@ -82,11 +88,30 @@ struct Launched {
 }
 
 impl Launched {
-    fn start(queue_url: &str, node_selector: Option<&str>) -> Launched {
+    /// `cgroup`: run it under the chart's limits there.
+    fn start(queue_url: &str, node_selector: Option<&str>, cgroup: Option<&Cgroup>) -> Launched {
         let admin = support::aws::free_port();
         let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nodedrain"));
+        let program = env!("CARGO_BIN_EXE_nodedrain");
+        // BENCH_CONTROLLER_WRAPPER runs it under a profiler (e.g. "heaptrack -o /tmp/burst").
+        let wrapper: Vec<String> = std::env::var("BENCH_CONTROLLER_WRAPPER")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut command = match (cgroup, wrapper.split_first()) {
+            (Some(cgroup), None) => cgroup.command(program),
+            (Some(cgroup), Some((tool, args))) => {
+                let mut command = cgroup.command(tool);
+                command.args(args).arg(program);
+                command
+            }
+            (None, Some((tool, args))) => {
+                let mut command = Command::new(tool);
+                command.args(args).arg(program);
+                command
+            }
+            (None, None) => Command::new(program),
+        };
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy().to_string();
             if key.starts_with("NODEDRAIN_") {
@@ -285,6 +310,8 @@ struct Burst {
     overrides: f64,
     evicted: f64,
     peak_rss_kib: Option<u64>,
+    /// The chart's limits the controller ran under, and what the kernel counted.
+    cgroup: Option<(ChartLimits, CgroupStats)>,
     controller_p_sum: f64,
     sent_after: Duration,
     /// CPU cores the sandbox used in the second before the burst.
@@ -403,7 +430,13 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     let sqs = aws_sdk_sqs::Client::new(&scope.aws);
     let queue = support::aws::create_queue(&sqs, "bench-burst", &[]).await;
     let selector = format!("{TEST_KEY}={}", scope.id);
-    let mut controller = Launched::start(&queue, Some(&selector));
+    // As installed: the chart's resources.limits, unless BENCH_CGROUP=off.
+    let cgroup = (std::env::var("BENCH_CGROUP").as_deref() != Ok("off")).then(|| {
+        let limits = ChartLimits::from_values().expect("the chart's resources.limits");
+        Cgroup::create(&format!("nodedrain-bench-{}", std::process::id()), limits)
+            .expect("a cgroup with the chart's limits")
+    });
+    let mut controller = Launched::start(&queue, Some(&selector), cgroup.as_ref());
     controller.wait_ready(Duration::from_secs(60)).await;
     let pid = controller.pid();
 
@@ -485,6 +518,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     };
     let drained_at = when_empty(&mut empty, Duration::from_secs(600)).await;
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    let cgroup_stats = cgroup.as_ref().map(|c| (c.limits, c.stats()));
     let cpu: Vec<(String, f64)> = cpu_seconds(SANDBOX_PROCESSES, Some(pid))
         .into_iter()
         .map(|(name, after)| {
@@ -520,10 +554,12 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         );
     }
     drop(controller);
+    drop(cgroup);
     let _ = sqs.delete_queue().queue_url(&queue).send().await;
     remove_scope(scope).await;
 
     Burst {
+        cgroup: cgroup_stats,
         nodes: count,
         pods: count * per_node,
         cordon_p50: quantile(&latencies, 0.50),
@@ -683,7 +719,7 @@ async fn idle(sandbox: &Sandbox) -> Idle {
 
     let sqs = aws_sdk_sqs::Client::new(&scope.aws);
     let queue = support::aws::create_queue(&sqs, "bench-idle", &[]).await;
-    let mut controller = Launched::start(&queue, None);
+    let mut controller = Launched::start(&queue, None, None);
     let start_to_ready = controller.wait_ready(Duration::from_secs(300)).await;
     tokio::time::sleep(settle).await;
     let pid = controller.pid();
@@ -802,7 +838,29 @@ fn main() {
                 at_most(bucket_quantile(&b.own, 0.5)),
                 at_most(bucket_quantile(&b.own, 0.99))
             );
-            println!("| controller peak RSS | {} | |", mem(b.peak_rss_kib));
+            println!("| controller peak RSS | {} | ≤ 128 MiB |", mem(b.peak_rss_kib));
+            match &b.cgroup {
+                Some((limits, stats)) => {
+                    println!(
+                        "| chart limits it ran under (values.yaml) | {} MiB, {} CPU | |",
+                        limits.memory_bytes >> 20,
+                        limits.cpu_cores
+                    );
+                    println!(
+                        "| OOM kills / memory limit hits (failcnt) | {} / {} | 0 |",
+                        stats.oom_kills, stats.failcnt
+                    );
+                    println!(
+                        "| cgroup peak memory (RSS and page cache) | {:.1} MiB | |",
+                        stats.max_usage_bytes as f64 / 1048576.0
+                    );
+                    println!(
+                        "| CPU throttled: periods / seconds | {} of {} / {:.1} s | |",
+                        stats.throttled_periods, stats.periods, stats.throttled_seconds
+                    );
+                }
+                None => println!("| chart limits | not applied (BENCH_CGROUP=off) | |"),
+            }
             let cpu: Vec<String> = b
                 .cpu
                 .iter()

@@ -949,3 +949,25 @@ fn helm_refuses_to_install_without_a_queue_url() {
     );
     assert!(error.contains("at '/queue/url'"), "{error}");
 }
+
+/// The benchmark runs the controller under these limits (support::cgroup): they must be read
+/// the way the kubelet reads them, from the values a default install uses.
+#[test]
+fn the_charts_limits_read_as_the_kubelet_reads_them() {
+    use support::cgroup::{ChartLimits, cpu_cores, memory_bytes};
+    assert_eq!(memory_bytes("256Mi").unwrap(), 256 << 20);
+    assert_eq!(memory_bytes("1G").unwrap(), 1_000_000_000);
+    assert_eq!(memory_bytes("134217728").unwrap(), 134_217_728);
+    assert!(memory_bytes("lots").is_err());
+    assert_eq!(cpu_cores("500m").unwrap(), 0.5);
+    assert_eq!(cpu_cores("1").unwrap(), 1.0);
+    let limits =
+        ChartLimits::from_yaml("resources:\n  limits:\n    cpu: 250m\n    memory: 128Mi\n")
+            .unwrap();
+    assert_eq!(limits.memory_bytes, 128 << 20);
+    assert_eq!(limits.cpu_cores, 0.25);
+    assert!(ChartLimits::from_yaml("resources: {}\n").is_err());
+    // A default install has limits, or the benchmark would prove nothing.
+    let shipped = ChartLimits::from_values().unwrap();
+    assert!(shipped.memory_bytes > 0 && shipped.cpu_cores > 0.0);
+}
