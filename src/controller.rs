@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,24 +30,20 @@ use crate::drain::machine::Origin;
 use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, PolicyError};
 use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
+use crate::handoff::Handoff;
 use crate::interruption::events::{Interruption, InterruptionKind};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
 use crate::leader::LeaderElector;
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
 use crate::names;
-use crate::node::{self, DrainRecord, Phase};
+use crate::node::{self, DrainKind, DrainRecord, Phase};
 use crate::resolve::{self, NodeWatch, Resolution, Resolver};
 
 /// How long a message waits before it is offered again when its node cannot be found yet (a
 /// node that is still registering) or the apiserver failed: long enough not to spin, short
 /// enough to act well within a two-minute warning.
 const RETRY_DELAY: Duration = Duration::from_secs(10);
-
-/// Auto Scaling keeps an instance in Terminating:Wait for the hook's heartbeat timeout (one hour
-/// by default, often set to minutes). A heartbeat every minute keeps any timeout of two minutes
-/// or more from expiring while the drain runs.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often nodes that survived a rebalance recommendation are looked at, at most: a short
 /// uncordon-after is looked at four times as often as it lasts, so it is kept to within a quarter.
@@ -85,11 +80,10 @@ struct Shared {
     nodes: Api<Node>,
     /// The same nodes through the cordon client (see [`run`]).
     cordon_nodes: Api<Node>,
-    client: Client,
     drainer: Drainer,
     resolver: Resolver,
     watch: NodeWatch,
-    autoscaling: aws_sdk_autoscaling::Client,
+    handoff: Handoff,
     metrics: Metrics,
     config: ControllerConfig,
     policy: ClusterPolicy,
@@ -183,11 +177,10 @@ pub async fn run(
     let shared = Arc::new(Shared {
         nodes,
         cordon_nodes: Api::all(cordon_client),
-        client,
+        handoff: Handoff::new(client, aws_sdk_autoscaling::Client::new(&aws)),
         drainer,
         resolver,
         watch: node_watch,
-        autoscaling: aws_sdk_autoscaling::Client::new(&aws),
         metrics,
         policy,
         config: config.clone(),
@@ -547,7 +540,7 @@ fn start_drain(
     record: DrainRecord,
     origin: Origin,
 ) {
-    if record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+    if record.kind == DrainKind::Interruption(InterruptionKind::RebalanceRecommendation)
         && shared.config.behaviour.rebalance == RebalanceMode::CordonOnly
     {
         return;
@@ -612,7 +605,7 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
         };
         // A drain someone started from the CLI belongs to them; the controller does not finish
         // it behind their back.
-        if record.kind == node::MANUAL_KIND {
+        if record.kind == DrainKind::Manual {
             continue;
         }
         let unfinished = match record.phase {
@@ -643,7 +636,7 @@ async fn drain_and_hand_over(
 ) {
     let _draining = shared.metrics.draining_guard();
     let started = Instant::now();
-    let kind: Option<InterruptionKind> = record.kind.parse().ok();
+    let kind = record.kind.interruption();
     let handover = kind != Some(InterruptionKind::RebalanceRecommendation)
         || shared.config.behaviour.rebalance == RebalanceMode::DrainAndHandover;
     let options = PlanOptions {
@@ -680,11 +673,9 @@ async fn drain_and_hand_over(
     let (progress, events) = mpsc::channel(256);
     let metrics_task = tokio::spawn(count_progress(shared.metrics.clone(), events));
     let heartbeat = record.lifecycle_hook.clone().map(|hook| {
-        tokio::spawn(heartbeat(
-            shared.autoscaling.clone(),
-            hook,
-            cancel.child_token(),
-        ))
+        let handoff = shared.handoff.clone();
+        let stop = cancel.child_token();
+        tokio::spawn(async move { handoff.heartbeat(&hook, stop).await })
     });
     let result = shared
         .drainer
@@ -713,19 +704,13 @@ async fn drain_and_hand_over(
         return;
     }
 
-    // The Auto Scaling hook is completed whether or not the drain emptied the node: the deadline
-    // has come either way, and holding the instance longer only delays its replacement.
-    let mut handed_over = false;
-    if let Some(hook) = &record.lifecycle_hook {
-        handed_over |= complete_lifecycle_action(&shared.autoscaling, hook).await;
-    }
-    if handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff {
-        handed_over |= delete_node_claim(shared, name).await;
-    }
-    if handed_over && let Err(error) = node::set_phase(&shared.nodes, name, Phase::HandedOver).await
-    {
-        warn!(%error, "cannot record the handover");
-    }
+    let karpenter =
+        handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff;
+    let node = shared.watch.store().get(&ObjectRef::new(name));
+    shared
+        .handoff
+        .hand_over(name, node.as_deref(), &record, karpenter)
+        .await;
 }
 
 fn drain_result(report: &DrainReport) -> DrainResult {
@@ -781,117 +766,6 @@ async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEve
     }
 }
 
-/// Keeps the instance in Terminating:Wait while the drain runs.
-async fn heartbeat(
-    autoscaling: aws_sdk_autoscaling::Client,
-    hook: node::LifecycleHook,
-    stop: CancellationToken,
-) {
-    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        let mut request = autoscaling
-            .record_lifecycle_action_heartbeat()
-            .lifecycle_hook_name(&hook.hook_name)
-            .auto_scaling_group_name(&hook.group_name);
-        request = match &hook.token {
-            Some(token) => request.lifecycle_action_token(token),
-            None => request.instance_id(&hook.instance_id),
-        };
-        if let Err(error) = request.send().await {
-            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
-                "lifecycle heartbeat failed");
-        }
-    }
-}
-
-/// `CompleteLifecycleAction` with CONTINUE: Auto Scaling may terminate the instance now.
-async fn complete_lifecycle_action(
-    autoscaling: &aws_sdk_autoscaling::Client,
-    hook: &node::LifecycleHook,
-) -> bool {
-    let mut request = autoscaling
-        .complete_lifecycle_action()
-        .lifecycle_hook_name(&hook.hook_name)
-        .auto_scaling_group_name(&hook.group_name)
-        .lifecycle_action_result("CONTINUE");
-    request = match &hook.token {
-        Some(token) => request.lifecycle_action_token(token),
-        None => request.instance_id(&hook.instance_id),
-    };
-    match request.send().await {
-        Ok(_) => {
-            info!(hook = %hook.hook_name, group = %hook.group_name, "lifecycle action completed");
-            true
-        }
-        Err(error) => {
-            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
-                "cannot complete the lifecycle action; Auto Scaling will continue at the hook's timeout");
-            false
-        }
-    }
-}
-
-fn node_claims(client: &Client) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"),
-        "nodeclaims",
-    );
-    Api::all_with(client.clone(), &resource)
-}
-
-/// Deletes the Karpenter NodeClaim behind a drained node, so Karpenter replaces the capacity
-/// now instead of after the instance is gone. Only for nodes of a NodePool.
-async fn delete_node_claim(shared: &Shared, name: &str) -> bool {
-    let Some(node) = shared.watch.store().get(&ObjectRef::new(name)) else {
-        return false;
-    };
-    if !node.labels().contains_key(names::LABEL_KARPENTER_NODEPOOL) {
-        return false;
-    }
-    let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.clone());
-    let api = node_claims(&shared.client);
-    let claims = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
-        Err(error) => {
-            warn!(%error, "cannot list Karpenter NodeClaims; leaving the node to Karpenter");
-            return false;
-        }
-    };
-    let claim = claims.into_iter().find(|claim| {
-        let status = claim.data.get("status");
-        let node_name = status
-            .and_then(|s| s.get("nodeName"))
-            .and_then(|v| v.as_str());
-        let claim_provider = status
-            .and_then(|s| s.get("providerID"))
-            .and_then(|v| v.as_str());
-        node_name == Some(name)
-            || (provider_id.is_some() && claim_provider == provider_id.as_deref())
-    });
-    let Some(claim) = claim else {
-        warn!("no Karpenter NodeClaim found for the node");
-        return false;
-    };
-    match api
-        .delete(&claim.name_any(), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {
-            info!(nodeclaim = %claim.name_any(), "deleted the NodeClaim: Karpenter replaces the capacity");
-            true
-        }
-        Err(error) => {
-            warn!(nodeclaim = %claim.name_any(), %error, "cannot delete the NodeClaim");
-            false
-        }
-    }
-}
-
 /// Uncordons nodes that survived a rebalance recommendation for longer than configured.
 async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
     let Some(after_std) = shared.config.behaviour.rebalance_uncordon_after else {
@@ -914,7 +788,8 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
             let Ok(Some(record)) = node::record_of(&node) else {
                 continue;
             };
-            let survived = record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+            let survived = record.kind
+                == DrainKind::Interruption(InterruptionKind::RebalanceRecommendation)
                 && record.phase != Phase::HandedOver
                 && record.started.checked_add(after).is_ok_and(|t| t <= now);
             let name = node.name_any();
@@ -935,12 +810,14 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
 mod tests {
     use super::*;
 
+    const SPOT: DrainKind = DrainKind::Interruption(InterruptionKind::SpotInterruption);
+
     fn record(kind: &str, deadline: Option<i64>, voluntary: bool, started: i64) -> DrainRecord {
         let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
         DrainRecord {
             deadline: deadline.map(at),
             voluntary,
-            kind: kind.to_string(),
+            kind: kind.parse().unwrap(),
             ..DrainRecord::manual(at(started), None)
         }
     }
@@ -967,7 +844,7 @@ mod tests {
         let spot = record("spot-interruption", Some(130), false, 10);
         let merged = merge_records(rebalance.clone(), spot);
         assert!(!merged.voluntary);
-        assert_eq!(merged.kind, "spot-interruption");
+        assert_eq!(merged.kind, SPOT);
         assert_eq!(merged.started, rebalance.started);
         assert!(!same_urgency(&merged, &rebalance));
         // The earlier deadline wins whichever message comes second.
@@ -976,7 +853,7 @@ mod tests {
             record("scheduled-change", Some(900), false, 20),
         );
         assert_eq!(later.deadline, merged.deadline);
-        assert_eq!(later.kind, "spot-interruption");
+        assert_eq!(later.kind, SPOT);
     }
 
     #[test]
@@ -987,7 +864,7 @@ mod tests {
             record("rebalance-recommendation", None, true, 1),
         );
         assert!(same_urgency(&merged, &spot));
-        assert_eq!(merged.kind, "spot-interruption");
+        assert_eq!(merged.kind, SPOT);
         assert!(!merged.voluntary);
     }
 }

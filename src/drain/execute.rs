@@ -543,7 +543,7 @@ impl Drainer {
         let api: Api<Node> = Api::all(self.client.clone());
         for (name, (_, record, _)) in names.iter().zip(starts) {
             let mut record = record.clone();
-            record.phase = Phase::Failed;
+            record.enter(Phase::Failed);
             let _ = node::write_record(&api, name, &record).await;
         }
     }

@@ -886,7 +886,8 @@ impl Machine {
                 (None, _) if run.all_gone() => Phase::Drained,
                 (None, _) => Phase::Failed,
             };
-            run.record.phase = phase;
+            run.record.enter(phase);
+            let phase = run.record.phase;
             // A cancelled drain leaves its record as it is: the next leader resumes from it.
             if fatal.is_some() || outcome != DrainOutcome::Cancelled {
                 self.actions.push(Action::WriteRecord {
@@ -1009,8 +1010,7 @@ impl Machine {
         let Some(run) = self.nodes.get_mut(&id.node) else {
             return;
         };
-        if run.record.phase == Phase::Cordoned {
-            run.record.phase = Phase::Draining;
+        if run.record.phase == Phase::Cordoned && run.record.enter(Phase::Draining) {
             self.actions.push(Action::WriteRecord {
                 drain: run.drain,
                 node: run.name.clone(),
