@@ -728,9 +728,26 @@ impl Receiver {
             .and_then(|t| t.parse::<i64>().ok())
             .and_then(|ms| Timestamp::from_millisecond(ms).ok());
 
-        let parsed = parse_message(message.body().unwrap_or_default());
+        let received_at = Timestamp::now();
+        let parsed = parse_message(message.body().unwrap_or_default(), received_at);
         let interruptions = match parsed {
-            Ok(Parsed::Interruptions(list)) => list,
+            Ok(Parsed::Interruptions(list)) => {
+                // Fallbacks are the message's, shared by all its interruptions: one line each,
+                // not one per instance of a Health event naming thousands.
+                if let Some(first) = list.first() {
+                    for f in &first.fallbacks {
+                        warn!(
+                            message_id,
+                            event_id = %first.event_id,
+                            instances = list.len(),
+                            field = f.field,
+                            found = %f.found,
+                            "{f}; draining anyway"
+                        );
+                    }
+                }
+                list
+            }
             Ok(Parsed::Ignore { reason }) => {
                 info!(message_id, %reason, "message needs no drain; deleting it");
                 self.metrics.ignored(&reason);
@@ -795,7 +812,7 @@ impl Receiver {
             interruptions,
             receive_count,
             sent_at,
-            received_at: Timestamp::now(),
+            received_at,
             ack: Ack {
                 id,
                 commands: self.commands.clone(),
@@ -1198,6 +1215,7 @@ mod tests {
             deadline: None,
             lifecycle: None,
             detail: String::new(),
+            fallbacks: Vec::new(),
         }
     }
 
