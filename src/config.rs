@@ -82,8 +82,9 @@ pub struct QueueArgs {
     /// Concurrent long-polling receivers; each takes up to 10 messages per call.
     #[arg(long, env = "NODEDRAIN_RECEIVERS", default_value_t = 4)]
     pub receivers: usize,
-    /// How long a received message stays invisible to other receivers; nodedrain extends it at
-    /// half this period for as long as it is still handling the message.
+    /// How long a message being handled stays invisible to other receivers; nodedrain extends it
+    /// to this, at half this period, for as long as it is handling the message. (The receive
+    /// itself asks for a short timeout, so an answer lost on the network hides nothing for long.)
     #[arg(long, env = "NODEDRAIN_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub visibility_timeout: Duration,
     /// What to do with messages that cannot be parsed or are of an unknown type: delete them, or

@@ -18,7 +18,9 @@ use nodedrain::metrics::Metrics;
 use nodedrain::resolve::{ManagedTag, NodeWatch, Resolution, Resolver};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use support::aws::{Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty};
+use support::aws::{
+    CutProxy, Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty,
+};
 use support::{Sandbox, TEST_KEY, var};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -403,6 +405,66 @@ async fn the_intake_survives_sqs_being_down_and_recovers_when_it_is_back() {
         .map(|i| i.event_id.clone())
         .collect();
     assert_eq!(events, ["before", "after"]);
+    running.stop().await;
+}
+
+/// SQS marks messages in flight when it answers a receive, whether or not the answer arrives. A
+/// network cut during open long polls loses those answers; the messages must come back after the
+/// receive's short visibility timeout, not after the full one a handled message is extended to.
+#[tokio::test]
+async fn messages_answered_into_a_cut_connection_come_back_within_seconds() {
+    let sqs = sandbox_sqs().await;
+    let queue = create_queue(&sqs, "parts-cut", &[]).await;
+    let moto = var("AWS_ENDPOINT_URL");
+    let proxy = CutProxy::start(moto.trim_start_matches("http://").to_string()).await;
+    let through_proxy = aws_sdk_sqs::Client::new(&sdk_config(&proxy.url()).await);
+    let seen = Seen::default();
+    let mut config = test_config(&queue);
+    config.visibility_timeout = Duration::from_secs(60);
+    assert_eq!(config.receive_visibility, Duration::from_secs(10));
+    let running = start(through_proxy, config, recording_handler(seen.clone()), None);
+
+    send(&sqs, &queue, &spot("cut-before", "i-0123456789abcdef5")).await;
+    wait_until("first message handled", Duration::from_secs(15), || {
+        seen.lock().unwrap().len() == 1
+    })
+    .await;
+    // Both receivers are back in a long poll (20 s) on moto.
+    sleep(Duration::from_secs(1)).await;
+
+    proxy.cut();
+    let sent = Instant::now();
+    for n in 0..5 {
+        send(
+            &sqs,
+            &queue,
+            &spot(&format!("cut-{n}"), &format!("i-0123456789abcde{n:02x}")),
+        )
+        .await;
+    }
+    sleep(Duration::from_secs(2)).await;
+    // The open long polls took messages and answered into the cut connections.
+    let (_, in_flight) = depth(&sqs, &queue).await;
+    assert!(
+        in_flight >= 1,
+        "no message was taken by a cut long poll; the test did not cut anything"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing got through the cut");
+    proxy.restore();
+
+    wait_until(
+        "every message sent during the cut handled",
+        Duration::from_secs(25),
+        || seen.lock().unwrap().len() == 6,
+    )
+    .await;
+    // Bounded above by the receive's 10 s, the receivers' backoff and a long poll's turn; the
+    // full visibility timeout would have hidden them for 60 s.
+    eprintln!(
+        "{in_flight} messages answered into the cut were handled {:?} after sending",
+        sent.elapsed()
+    );
+    wait_empty(&sqs, &queue, Duration::from_secs(10)).await;
     running.stop().await;
 }
 
