@@ -362,9 +362,15 @@ pub enum ConfigError {
     )]
     InvalidLeaseName(String),
     #[error(
-        "lease timings cannot work: need --lease-duration ({duration}) > --lease-renew-deadline ({renew}) > --lease-retry-period ({retry}) > 0, so a leader steps down before a standby may take over"
+        "lease timings cannot work: need --lease-renew-deadline ({renew}) > --lease-retry-period ({retry}) > 0"
     )]
-    InvalidLeaseTimings {
+    InvalidLeaseTimings { renew: String, retry: String },
+    /// A leader that stops renewing keeps acting until its next attempt runs past the renew
+    /// deadline: up to renew deadline + retry period after its last renewal.
+    #[error(
+        "lease timings allow two leaders at once: lease duration must exceed renew deadline + retry period, got --lease-duration {duration} (as whole seconds in the Lease) <= --lease-renew-deadline {renew} + --lease-retry-period {retry}"
+    )]
+    LeaseShorterThanStepDown {
         duration: String,
         renew: String,
         retry: String,
@@ -518,8 +524,15 @@ impl ControllerArgs {
             l.lease_renew_deadline,
             l.lease_retry_period,
         );
-        if !(d > r && r > p && !p.is_zero()) {
+        if r <= p || p.is_zero() {
             return Err(ConfigError::InvalidLeaseTimings {
+                renew: show(r),
+                retry: show(p),
+            });
+        }
+        // Standbys read the duration from the Lease, which holds whole seconds.
+        if Duration::from_secs(crate::leader::lease_seconds(d)) <= r + p {
+            return Err(ConfigError::LeaseShorterThanStepDown {
                 duration: show(d),
                 renew: show(r),
                 retry: show(p),
@@ -971,8 +984,8 @@ mod tests {
             (vec!["--node-selector", "team in ("], "--node-selector"),
             (vec!["--node-selector", "a==b=c"], "NODEDRAIN_NODE_SELECTOR"),
             (
-                vec!["--lease-duration", "10s", "--lease-renew-deadline", "10s"],
-                "need --lease-duration (10s) > --lease-renew-deadline (10s)",
+                vec!["--lease-renew-deadline", "2s"],
+                "need --lease-renew-deadline (2s) > --lease-retry-period (2s) > 0",
             ),
             (
                 vec!["--lease-retry-period", "0s"],
@@ -989,6 +1002,43 @@ mod tests {
             let e = validate(&args(&argv)).unwrap_err().to_string();
             assert!(e.contains(needle), "{argv:?}: {e}");
         }
+    }
+
+    /// A leader steps down at most renew deadline + retry period after its last renewal; a
+    /// standby may take over a lease duration after it saw that renewal. The duration must be
+    /// longer, or both act at once.
+    #[test]
+    fn lease_duration_must_exceed_renew_deadline_plus_retry_period() {
+        let timings = |d: &str, r: &str, p: &str| {
+            validate(&args(&[
+                "--lease-duration",
+                d,
+                "--lease-renew-deadline",
+                r,
+                "--lease-retry-period",
+                p,
+            ]))
+        };
+        // The example: accepted before, two leaders possible for up to a second.
+        let e = timings("15s", "14s", "2s").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "lease timings allow two leaders at once: lease duration must exceed renew deadline + retry period, got --lease-duration 15s (as whole seconds in the Lease) <= --lease-renew-deadline 14s + --lease-retry-period 2s"
+        );
+        // The boundary: equal is refused, one second more is accepted.
+        assert!(matches!(
+            timings("12s", "10s", "2s"),
+            Err(ConfigError::LeaseShorterThanStepDown { .. })
+        ));
+        assert!(timings("13s", "10s", "2s").is_ok());
+        // The Lease stores whole seconds: 12.9 s is written, and read by standbys, as 12.
+        assert!(matches!(
+            timings("12900ms", "10s", "2s"),
+            Err(ConfigError::LeaseShorterThanStepDown { .. })
+        ));
+        assert!(timings("12s", "9500ms", "2s").is_ok());
+        // client-go's defaults pass.
+        assert!(timings("15s", "10s", "2s").is_ok());
     }
 
     #[test]

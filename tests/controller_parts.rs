@@ -634,13 +634,18 @@ async fn the_resolver_finds_nodes_by_provider_id_and_by_private_dns_name() {
 // ---------------------------------------------------------------------------------------------
 // Leader election
 
-fn elector(sandbox: &Sandbox, namespace: &str, identity: &str) -> LeaderElector {
+/// Short timings keep the tests quick; the ratios are the defaults' (15/10/2), and a leader that
+/// stops renewing stops acting within renew deadline + retry period (2.4 s), before the lease
+/// (3 s) lets a standby in.
+const RENEW_DEADLINE: Duration = Duration::from_secs(2);
+const RETRY_PERIOD: Duration = Duration::from_millis(400);
+
+fn elector(client: &kube::Client, namespace: &str, identity: &str) -> LeaderElector {
     let mut config = LeaseConfig::new("nodedrain-test", namespace, identity);
-    // Short timings keep the test quick; the ratios are the defaults' (15/10/2).
     config.lease_duration = Duration::from_secs(3);
-    config.renew_deadline = Duration::from_secs(2);
-    config.retry_period = Duration::from_millis(400);
-    LeaderElector::new(sandbox.client.clone(), config)
+    config.renew_deadline = RENEW_DEADLINE;
+    config.retry_period = RETRY_PERIOD;
+    LeaderElector::new(client.clone(), config)
 }
 
 async fn wait_leader(rx: &mut tokio::sync::watch::Receiver<bool>, limit: Duration) {
@@ -655,13 +660,13 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("leader").await;
 
-    let a = elector(&sandbox, &scope.id, "a");
+    let a = elector(&sandbox.client, &scope.id, "a");
     let mut a_rx = a.subscribe();
     let a_cancel = CancellationToken::new();
     let a_task = tokio::spawn(a.run(a_cancel.clone()));
     wait_leader(&mut a_rx, Duration::from_secs(10)).await;
 
-    let b = elector(&sandbox, &scope.id, "b");
+    let b = elector(&sandbox.client, &scope.id, "b");
     let mut b_rx = b.subscribe();
     let b_task = tokio::spawn(b.run(CancellationToken::new()));
     // While a renews, b never leads.
@@ -688,7 +693,7 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
 
     // c stands by; b dies without releasing (its future is dropped): c takes over only after
     // the lease expired.
-    let c = elector(&sandbox, &scope.id, "c");
+    let c = elector(&sandbox.client, &scope.id, "c");
     let mut c_rx = c.subscribe();
     let c_task = tokio::spawn(c.run(CancellationToken::new()));
     sleep(Duration::from_secs(1)).await;
@@ -702,5 +707,85 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
         "took over {took:?} after the leader died, before its lease could expire"
     );
     c_task.abort();
+    scope.cleanup().await;
+}
+
+/// A client for the sandbox's apiserver that goes through a [`CutProxy`] (TLS passes through it
+/// untouched, and the certificate names the loopback address, not the port).
+async fn client_through_proxy(sandbox: &Sandbox) -> (kube::Client, CutProxy) {
+    let raw = kube::config::Kubeconfig::read_from(&sandbox.kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(raw, &Default::default())
+        .await
+        .expect("kubeconfig is usable");
+    let upstream = config
+        .cluster_url
+        .authority()
+        .expect("apiserver address")
+        .to_string();
+    let proxy = CutProxy::start(upstream).await;
+    config.cluster_url = format!("https://127.0.0.1:{}", proxy.port)
+        .parse()
+        .expect("proxy URL");
+    (kube::Client::try_from(config).expect("kube client"), proxy)
+}
+
+/// A leader cut off from the apiserver must stop acting before a standby may take over: within
+/// renew deadline + retry period of its last renewal, which the lease duration exceeds. Its
+/// requests first fail at once (connections refused), then hang (a partition: no error, no
+/// answer): an attempt that starts hanging just before the renew deadline must not carry the
+/// leader past it.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_starts() {
+    let sandbox = Sandbox::connect().await;
+    let scope = sandbox.scope("leader-cut").await;
+    let (through_proxy, proxy) = client_through_proxy(&sandbox).await;
+
+    let a = elector(&through_proxy, &scope.id, "a");
+    let mut a_rx = a.subscribe();
+    let a_task = tokio::spawn(a.run(CancellationToken::new()));
+    wait_leader(&mut a_rx, Duration::from_secs(10)).await;
+    let b = elector(&sandbox.client, &scope.id, "b");
+    let mut b_rx = b.subscribe();
+    let b_task = tokio::spawn(b.run(CancellationToken::new()));
+    sleep(Duration::from_secs(1)).await;
+    assert!(*a_rx.borrow() && !*b_rx.borrow(), "a leads, b stands by");
+
+    proxy.cut();
+    let cut = Instant::now();
+    let (_, a_stopped, b_started) = timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            async {
+                sleep(RENEW_DEADLINE - Duration::from_millis(500)).await;
+                proxy.stall();
+            },
+            async {
+                a_rx.wait_for(|l| !*l).await.unwrap();
+                Instant::now()
+            },
+            async {
+                b_rx.wait_for(|l| *l).await.unwrap();
+                Instant::now()
+            },
+        )
+    })
+    .await
+    .expect("a stepped down and b took over");
+    // a renewed last at most one retry period before the cut.
+    let stopped_after = a_stopped - cut;
+    assert!(
+        stopped_after <= RENEW_DEADLINE + RETRY_PERIOD + Duration::from_millis(300),
+        "a kept acting {stopped_after:?} into the partition"
+    );
+    assert!(
+        a_stopped < b_started,
+        "two leaders: b started {:?} before a stopped",
+        a_stopped - b_started
+    );
+    eprintln!(
+        "a stopped {stopped_after:?} into the partition, b started {:?} after that",
+        b_started - a_stopped
+    );
+    a_task.abort();
+    b_task.abort();
     scope.cleanup().await;
 }
