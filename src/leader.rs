@@ -267,6 +267,7 @@ impl LeaderElector {
         }
         if *self.leader.borrow() {
             // Stop acting first, then hand the lease over.
+            info!("shutting down: stepping down and handing the lease over");
             self.set_leader(false);
             match tokio::time::timeout(self.config.renew_deadline, self.release()).await {
                 Ok(Ok(())) => info!("released the lease"),
