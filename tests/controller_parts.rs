@@ -21,6 +21,8 @@ use serde_json::json;
 use support::aws::{
     CutProxy, Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty,
 };
+use support::controller::{Controller, Launch};
+use support::drain::eventually;
 use support::{Sandbox, TEST_KEY, var};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -707,6 +709,48 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
         "took over {took:?} after the leader died, before its lease could expire"
     );
     c_task.abort();
+    scope.cleanup().await;
+}
+
+/// SIGTERM is the normal way a replica stops (a rollout, a node drained): the leader hands the
+/// lease over and says so, without a warning that reads like a failure.
+#[tokio::test]
+async fn a_clean_sigterm_hands_the_lease_over_without_a_lost_lease_warning() {
+    let sandbox = Sandbox::connect().await;
+    let scope = sandbox.scope("sigterm").await;
+    let sqs = sandbox_sqs().await;
+    let queue = create_queue(&sqs, "parts-sigterm", &[]).await;
+    let lease_name = format!("nodedrain-{}", scope.id);
+    let mut controller = Controller::start(Launch {
+        name: "sigterm",
+        queue_url: &queue,
+        lease: Some((&scope.id, &lease_name)),
+        extra: &[],
+        env: &[],
+    });
+    controller.wait_ready(Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(15), "the replica leads", || async {
+        controller.metric("nodedrain_leader").await == 1.0
+    })
+    .await;
+
+    let status = controller.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+    let log = controller.log();
+    assert!(
+        log.contains("shutting down: stepping down and handing the lease over"),
+        "{log}"
+    );
+    assert!(log.contains("released the lease"), "{log}");
+    assert!(!log.contains("lost the lease"), "{log}");
+    let holder = scope
+        .api::<k8s_openapi::api::coordination::v1::Lease>()
+        .get(&lease_name)
+        .await
+        .expect("the lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(holder, None, "the lease is free for the standby");
     scope.cleanup().await;
 }
 
