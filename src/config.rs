@@ -127,8 +127,9 @@ pub struct LeaseArgs {
     /// A standby takes over this long after the leader's last renewal.
     #[arg(long, env = "NODEDRAIN_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// The leader steps down when it could not renew for this long (must be shorter than the
-    /// lease duration, so it stops acting before a standby may start).
+    /// The leader steps down when it could not renew for this long. It notices within one retry
+    /// period, so renew deadline + retry period must be shorter than the lease duration: then it
+    /// stops acting before a standby may start.
     #[arg(long, env = "NODEDRAIN_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub lease_renew_deadline: Duration,
     /// How often the leader renews and a standby retries.

@@ -163,11 +163,12 @@ pub struct Interruption {
     /// interruption: a Health event names several instances under one id, so dedupe on
     /// `(event_id, instance_id)`.
     pub event_id: String,
-    /// When AWS emitted the event (not when we received it); the start of event-to-cordon latency.
+    /// When AWS emitted the event; the start of event-to-cordon latency. The receive time when
+    /// the message's own is unusable (see [`Interruption::fallbacks`]).
     pub event_time: Timestamp,
     /// When the instance is expected to be gone. `None` means AWS promised no time: rebalance
     /// recommendations, ASG hooks (the hook timeout is configuration), Health events without
-    /// `startTime`. May already be in the past (state changes, late delivery).
+    /// a usable `startTime`. May already be in the past (state changes, late delivery).
     pub deadline: Option<Timestamp>,
     /// Present exactly for [`InterruptionKind::AsgTermination`].
     pub lifecycle: Option<LifecycleAction>,
@@ -201,6 +202,8 @@ pub enum Instead {
     ReceiveTime,
     /// No deadline: the drain runs like one whose event names no start time.
     NoDeadline,
+    /// The deadline is two minutes after the event time, as for a warning that states none.
+    TwoMinuteWarning,
 }
 
 impl Fallback {
@@ -223,6 +226,7 @@ impl fmt::Display for Fallback {
         let instead = match self.instead {
             Instead::ReceiveTime => "used the receive time",
             Instead::NoDeadline => "no deadline",
+            Instead::TwoMinuteWarning => "deadline two minutes after the event time",
         };
         write!(f, "`{}` unusable ({}): {instead}", self.field, self.found)
     }
@@ -650,14 +654,28 @@ fn capacity_reservation_interruption(env: &Envelope<'_>) -> Result<Parsed, Parse
     } else {
         req_instance_id(d, "instance-id", "detail.instance-id")?
     };
-    // AWS documents an explicit `instance-termination-time`; prefer it. If it is absent or
-    // garbled, fall back to the documented two minutes rather than dead-lettering: the warning
-    // is useless once a human has read the dead-letter queue.
-    let stated = d
-        .get("instance-termination-time")
+    // AWS documents an explicit `instance-termination-time`; prefer it. If it is absent, the
+    // documented two minutes; if it is garbled, the same, noted as a fallback.
+    let stated = present(d, "instance-termination-time");
+    let (deadline, fallbacks) = match stated
         .and_then(Value::as_str)
-        .and_then(|s| s.parse::<Timestamp>().ok());
-    let deadline = stated.unwrap_or_else(|| two_minutes_after(env.time));
+        .and_then(|s| s.parse::<Timestamp>().ok())
+    {
+        Some(t) => (t, Vec::new()),
+        None => (
+            two_minutes_after(env.time),
+            stated
+                .map(|v| {
+                    Fallback::new(
+                        "detail.instance-termination-time",
+                        Some(v),
+                        Instead::TwoMinuteWarning,
+                    )
+                })
+                .into_iter()
+                .collect(),
+        ),
+    };
     let action = opt_str(d, "instance-action", "detail.instance-action")?;
     Ok(one(Interruption {
         kind: InterruptionKind::CapacityReservationInterruption,
@@ -670,7 +688,7 @@ fn capacity_reservation_interruption(env: &Envelope<'_>) -> Result<Parsed, Parse
             "capacity reservation {}",
             quote(action.unwrap_or("interruption"))
         ),
-        fallbacks: Vec::new(),
+        fallbacks,
     }))
 }
 
@@ -1323,6 +1341,10 @@ mod tests {
         let i = single(&body);
         assert_eq!(i.instance_id, "i-0c0ffee0c0ffee000");
         assert_eq!(i.deadline, Some(ts("2024-05-14T12:02:30Z")));
+        assert_eq!(
+            i.detail,
+            "capacity reservation terminate; `detail.instance-termination-time` unusable (\"soon\"): deadline two minutes after the event time"
+        );
 
         let body = edit(CAPACITY, |v| {
             v["detail"]
@@ -1330,7 +1352,13 @@ mod tests {
                 .unwrap()
                 .remove("instance-termination-time");
         });
-        assert_eq!(single(&body).deadline, Some(ts("2024-05-14T12:02:00Z")));
+        let i = single(&body);
+        assert_eq!(i.deadline, Some(ts("2024-05-14T12:02:00Z")));
+        assert_eq!(
+            i.fallbacks,
+            [],
+            "absent is not unusable: AWS may leave it out"
+        );
     }
 
     // --- ignores -------------------------------------------------------------------------------
