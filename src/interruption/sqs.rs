@@ -93,9 +93,9 @@ pub struct IntakeConfig {
     pub wait_time: Duration,
     /// ReceiveMessage `MaxNumberOfMessages` (1..=10).
     pub max_messages: i32,
-    /// Visibility timeout requested by ReceiveMessage itself (whole seconds, ≥ 2 s). Short, because
-    /// messages in a response that never arrives stay invisible this long; invariant:
-    /// ≤ `visibility_timeout`.
+    /// Visibility timeout requested by ReceiveMessage itself (whole seconds). Short, because
+    /// messages in a response that never arrives stay invisible this long. Capped at
+    /// `visibility_timeout`.
     pub receive_visibility: Duration,
     /// Visibility timeout set by each extension of a message being handled (whole seconds).
     pub visibility_timeout: Duration,
