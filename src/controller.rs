@@ -260,9 +260,11 @@ async fn lead_while_elected(
         tokio::select! {
             _ = shutdown.cancelled() => {}
             lost = is_leader.wait_for(|leader| !*leader) => {
-                if lost.is_ok() {
+                // On shutdown the elector steps down to hand the lease over, and this may see
+                // that before the shutdown itself: not a lost lease.
+                if lost.is_ok() && !shutdown.is_cancelled() {
                     warn!("lost the lease: stopping the queue and the drains");
-                } else {
+                } else if lost.is_err() {
                     // The elector is gone (it only stops at shutdown): wait for that.
                     shutdown.cancelled().await;
                 }

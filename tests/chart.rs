@@ -162,7 +162,7 @@ fn every_option_file() -> std::path::PathBuf {
 
 fn values_yaml() -> Value {
     let text = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
-    serde_yaml::from_str(&text).expect("values.yaml parses")
+    serde_saphyr::from_str(&text).expect("values.yaml parses")
 }
 
 /// Every `NODEDRAIN_*` variable the controller reads, from its clap definitions.
@@ -524,7 +524,7 @@ fn every_option_renders_where_it_belongs() {
         sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
         "arn:aws:iam::123456789012:role/nodedrain"
     );
-    let policy: Value = serde_yaml::from_str(
+    let policy: Value = serde_saphyr::from_str(
         the(&objects, "ConfigMap")["data"]["policy.yaml"]
             .as_str()
             .unwrap(),
@@ -799,7 +799,7 @@ fn the_readme_documents_every_value_with_its_default() {
             .strip_prefix('`')
             .and_then(|c| c.strip_suffix('`'))
             .unwrap_or_else(|| panic!("{key}: the default must be in backticks: {line}"));
-        let default: Value = serde_yaml::from_str(default_text)
+        let default: Value = serde_saphyr::from_str(default_text)
             .unwrap_or_else(|e| panic!("{key}: default {default_text:?} is not YAML: {e}"));
         assert!(!cells[2].is_empty(), "{key}: no meaning given");
         assert!(

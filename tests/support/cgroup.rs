@@ -33,7 +33,7 @@ impl ChartLimits {
 
     pub fn from_yaml(text: &str) -> Result<ChartLimits, String> {
         let values: serde_json::Value =
-            serde_yaml::from_str(text).map_err(|e| format!("values.yaml: {e}"))?;
+            serde_saphyr::from_str(text).map_err(|e| format!("values.yaml: {e}"))?;
         let limits = &values["resources"]["limits"];
         let memory =
             quantity_text(&limits["memory"]).ok_or("resources.limits.memory is not set")?;
