@@ -19,6 +19,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod notify;
 pub mod render;
 pub mod resolve;
 pub mod telemetry;
