@@ -25,6 +25,10 @@ pub enum Command {
     Uncordon(UncordonArgs),
     /// Report workloads that will break the next drain (single replicas, blocking PDBs, ...).
     Audit(AuditArgs),
+    /// Print a shell completion script: `source <(nodedrain completion bash)`.
+    Completion(crate::commands::completion::CompletionArgs),
+    /// Print nodedrain's version and the Kubernetes API version it was built for.
+    Version(crate::commands::version::VersionArgs),
 }
 
 /// How to reach the cluster; the same precedence as kubectl.
