@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{NotifyError, NotifyEvent, NotifyFormat, Renderer};
-use crate::cli::parse_duration;
+use crate::config::parse_duration;
 
 /// Longer than this and a hanging webhook holds the poster (and so every later message) for
 /// longer than a spot warning lasts.
