@@ -261,7 +261,7 @@ fn defaults_render_a_least_privilege_ha_controller() {
     );
     assert_eq!(
         c["resources"],
-        json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
+        json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
     );
     assert!(
         pod["tolerations"]
