@@ -155,23 +155,34 @@ pub fn tail(text: &str, lines: usize) -> String {
 }
 
 pub async fn wait_all_ready(scope: &Scope, count: usize) {
+    wait_pods(scope, count, "Ready", Duration::from_secs(300), |p| {
+        is_pod_ready().matches_object(Some(p))
+    })
+    .await;
+}
+
+/// Polls the scope's pods until at least `count` of them satisfy `matches` (`what` names the
+/// condition in the panic after `timeout`); returns the time it took.
+pub async fn wait_pods(
+    scope: &Scope,
+    count: usize,
+    what: &str,
+    timeout: Duration,
+    matches: impl Fn(&Pod) -> bool,
+) -> Duration {
     let pods = scope.pods();
     let start = Instant::now();
     loop {
         let list = pods.list(&ListParams::default()).await.expect("list pods");
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| is_pod_ready().matches_object(Some(*p)))
-            .count();
-        if ready >= count {
-            return;
+        let matching = list.items.iter().filter(|p| matches(p)).count();
+        if matching >= count {
+            return start.elapsed();
         }
         assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "only {ready} of {count} pods Ready"
+            start.elapsed() < timeout,
+            "only {matching} of {count} pods {what} after {timeout:?}"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -683,32 +694,19 @@ pub async fn send_spot_warnings(
 /// Waits until the ReplicaSets own all `count` pods, so the drain sees workload pods, not bare
 /// ones.
 pub async fn wait_adopted(scope: &Scope, count: usize) {
-    let start = Instant::now();
-    loop {
-        let list = scope
-            .pods()
-            .list(&ListParams::default())
-            .await
-            .expect("list pods");
-        let owned = list
-            .items
-            .iter()
-            .filter(|p| {
-                p.metadata
-                    .owner_references
-                    .as_ref()
-                    .is_some_and(|o| !o.is_empty())
-            })
-            .count();
-        if owned >= count {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "only {owned} of {count} pods adopted by their ReplicaSets"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_pods(
+        scope,
+        count,
+        "adopted by their ReplicaSets",
+        Duration::from_secs(300),
+        |p| {
+            p.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| !o.is_empty())
+        },
+    )
+    .await;
 }
 
 /// Deletes the scope's pods at once (grace 0), then its nodes and namespace.
