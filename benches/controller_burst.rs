@@ -28,6 +28,11 @@
 //! - PDB violations: times a watcher saw a ReplicaSet's Ready (not terminating) pods drop below
 //!   its floor (replicas - maxUnavailable), and the lowest Ready - floor seen; deadline overrides
 //!   as the controller counted them;
+//! - `BENCH_CONTROLLER_WRAPPER` (space-separated) runs the controller under a tool, e.g. a heap
+//!   profiler: `BENCH_CGROUP=off BENCH_CONTROLLER_WRAPPER="heaptrack -o /tmp/burst"`;
+//! - for the burst, the controller runs in a cgroup with the chart's `resources.limits` (read
+//!   from charts/nodedrain/values.yaml; `BENCH_CGROUP=off` runs it without): OOM kills and
+//!   limit hits (`memory.oom_control`, `memory.failcnt`) and CPU throttling (`cpu.stat`);
 //! - the controller's resident memory: peak (`VmHWM`) over the run, and for idle also the
 //!   resident set (`VmRSS`) after `BENCH_IDLE_SETTLE` [30] s at rest; start-to-ready is process
 //!   start until `/readyz` answers 200 (the node list is loaded and the queue is being read).
@@ -46,6 +51,7 @@ use support::bench::{
     mib, proc_status_kib, quantile, remove_scope, send_spot_warnings, spare_nodes,
     spread_replica_sets, wait_quiet, watch_cordons, watch_pods, when_empty,
 };
+use support::cgroup::{Cgroup, CgroupStats, ChartLimits};
 use support::drain::{name_of, wait_schedulable};
 use support::{Sandbox, TEST_KEY};
 
@@ -69,6 +75,8 @@ struct Burst {
     overrides: f64,
     evicted: f64,
     peak_rss_kib: Option<u64>,
+    /// The chart's limits the controller ran under, and what the kernel counted.
+    cgroup: Option<(ChartLimits, CgroupStats)>,
     controller_p_sum: f64,
     sent_after: Duration,
     /// CPU cores the sandbox used in the second before the burst.
@@ -99,7 +107,13 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     let sqs = aws_sdk_sqs::Client::new(&scope.aws);
     let queue = support::aws::create_queue(&sqs, "bench-burst", &[]).await;
     let selector = format!("{TEST_KEY}={}", scope.id);
-    let mut controller = Launched::start(&queue, Some(&selector));
+    // As installed: the chart's resources.limits, unless BENCH_CGROUP=off.
+    let cgroup = (std::env::var("BENCH_CGROUP").as_deref() != Ok("off")).then(|| {
+        let limits = ChartLimits::from_values().expect("the chart's resources.limits");
+        Cgroup::create(&format!("nodedrain-bench-{}", std::process::id()), limits)
+            .expect("a cgroup with the chart's limits")
+    });
+    let mut controller = Launched::start(&queue, Some(&selector), cgroup.as_ref());
     controller.wait_ready(Duration::from_secs(60)).await;
     let pid = controller.pid();
 
@@ -142,6 +156,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     };
     let drained_at = when_empty(&mut empty, Duration::from_secs(600)).await;
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    let cgroup_stats = cgroup.as_ref().map(|c| (c.limits, c.stats()));
     let cpu: Vec<(String, f64)> = cpu_seconds(&processes, Some(pid))
         .into_iter()
         .map(|(name, after)| {
@@ -177,10 +192,12 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         );
     }
     drop(controller);
+    drop(cgroup);
     let _ = sqs.delete_queue().queue_url(&queue).send().await;
     remove_scope(scope).await;
 
     Burst {
+        cgroup: cgroup_stats,
         nodes: count,
         pods: count * per_node,
         cordon_p50: quantile(&latencies, 0.50),
@@ -271,7 +288,7 @@ async fn idle(sandbox: &Sandbox) -> Idle {
 
     let sqs = aws_sdk_sqs::Client::new(&scope.aws);
     let queue = support::aws::create_queue(&sqs, "bench-idle", &[]).await;
-    let mut controller = Launched::start(&queue, None);
+    let mut controller = Launched::start(&queue, None, None);
     let start_to_ready = controller.wait_ready(Duration::from_secs(300)).await;
     tokio::time::sleep(settle).await;
     let pid = controller.pid();
@@ -390,7 +407,29 @@ fn main() {
                 at_most(bucket_quantile(&b.own, 0.5)),
                 at_most(bucket_quantile(&b.own, 0.99))
             );
-            println!("| controller peak RSS | {} | |", mem(b.peak_rss_kib));
+            println!("| controller peak RSS | {} | ≤ 128 MiB |", mem(b.peak_rss_kib));
+            match &b.cgroup {
+                Some((limits, stats)) => {
+                    println!(
+                        "| chart limits it ran under (values.yaml) | {} MiB, {} CPU | |",
+                        limits.memory_bytes >> 20,
+                        limits.cpu_cores
+                    );
+                    println!(
+                        "| OOM kills / memory limit hits (failcnt) | {} / {} | 0 |",
+                        stats.oom_kills, stats.failcnt
+                    );
+                    println!(
+                        "| cgroup peak memory (RSS and page cache) | {:.1} MiB | |",
+                        stats.max_usage_bytes as f64 / 1048576.0
+                    );
+                    println!(
+                        "| CPU throttled: periods / seconds | {} of {} / {:.1} s | |",
+                        stats.throttled_periods, stats.periods, stats.throttled_seconds
+                    );
+                }
+                None => println!("| chart limits | not applied (BENCH_CGROUP=off) | |"),
+            }
             let cpu: Vec<String> = b
                 .cpu
                 .iter()

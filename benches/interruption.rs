@@ -75,6 +75,7 @@ use support::bench::{
     quantile, remove_scope, send_spot_warnings, spare_nodes, spread_replica_sets, wait_all_ready,
     wait_pdbs, wait_pods, wait_quiet, watch_cordons,
 };
+use support::cgroup::{Cgroup, CgroupStats, ChartLimits};
 use support::controller::instance_id;
 use support::drain::{name_of, node_of, pdb, set_unschedulable, wait_schedulable};
 use support::{Sandbox, Scope, TEST_KEY, is_pod_ready};
@@ -140,15 +141,25 @@ fn handlers() -> Vec<Handler> {
 }
 
 enum Running {
-    Nodedrain(Launched),
+    /// The controller, and the cgroup with the chart's limits it runs in (dropped after it).
+    Nodedrain(Launched, Option<Cgroup>),
     Nth(nth::Nth),
 }
 
 impl Running {
     fn pid(&self) -> u32 {
         match self {
-            Running::Nodedrain(c) => c.pid(),
+            Running::Nodedrain(c, _) => c.pid(),
             Running::Nth(n) => n.pid(),
+        }
+    }
+
+    /// What the kernel counted in nodedrain's cgroup: OOM kills and throttling under the chart's
+    /// limits.
+    fn cgroup_stats(&self) -> Option<(ChartLimits, CgroupStats)> {
+        match self {
+            Running::Nodedrain(_, Some(cgroup)) => Some((cgroup.limits, cgroup.stats())),
+            _ => None,
         }
     }
 }
@@ -162,9 +173,16 @@ async fn start(
     match handler {
         Handler::Nodedrain => {
             let selector = format!("{TEST_KEY}={}", scope.id);
-            let mut controller = Launched::start(queue, Some(&selector));
+            // As installed: the chart's resources.limits, unless BENCH_CGROUP=off (as in
+            // controller_burst). NTH's chart sets no limits, so NTH runs without.
+            let cgroup = (std::env::var("BENCH_CGROUP").as_deref() != Ok("off")).then(|| {
+                let limits = ChartLimits::from_values().expect("the chart's resources.limits");
+                Cgroup::create(&format!("nodedrain-int-{}", std::process::id()), limits)
+                    .expect("a cgroup with the chart's limits")
+            });
+            let mut controller = Launched::start(queue, Some(&selector), cgroup.as_ref());
             controller.wait_ready(Duration::from_secs(60)).await;
-            Running::Nodedrain(controller)
+            Running::Nodedrain(controller, cgroup)
         }
         Handler::Nth { dir, env, .. } => {
             let identity = identity.expect("NTH's identity");
@@ -629,6 +647,8 @@ struct Outcome {
     surgeable_at_zero: usize,
     whole_after: Option<Duration>,
     peak_rss_kib: Option<u64>,
+    /// The limits the handler ran under and what the kernel counted (nodedrain only).
+    cgroup: Option<(ChartLimits, CgroupStats)>,
     cpu: BTreeMap<String, f64>,
     load_before: f64,
 }
@@ -727,6 +747,7 @@ async fn run(
         )
     };
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
+    let cgroup = running.cgroup_stats();
     let cpu: BTreeMap<String, f64> = cpu_seconds(&processes, Some(pid))
         .into_iter()
         .map(|(name, after)| {
@@ -768,6 +789,7 @@ async fn run(
         surgeable_at_zero,
         whole_after,
         peak_rss_kib,
+        cgroup,
         cpu,
         load_before,
     }
@@ -959,6 +981,22 @@ fn measures() -> Vec<Measure> {
                     .map_or("—".to_string(), |k| format!("{:.1} MiB", mib(k)))
             },
             num(|o| o.peak_rss_kib.map_or(f64::NAN, |k| k as f64)),
+        ),
+        Measure::new(
+            "handler's limits: CPU throttled periods / seconds, OOM kills",
+            |o| match &o.cgroup {
+                Some((limits, stats)) => format!(
+                    "{} MiB, {} CPU: {} of {} / {:.1} s, {}",
+                    limits.memory_bytes >> 20,
+                    limits.cpu_cores,
+                    stats.throttled_periods,
+                    stats.periods,
+                    stats.throttled_seconds,
+                    stats.oom_kills
+                ),
+                None => "none".to_string(),
+            },
+            None,
         ),
         Measure::new(
             "handler CPU seconds",

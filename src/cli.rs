@@ -176,7 +176,8 @@ pub struct AuditArgs {
     /// instead of the 2-minute spot warning.
     #[arg(long, value_parser = parse_duration)]
     pub deadline: Option<Duration>,
-    /// Client-side limit on API requests per second (burst is twice this).
+    /// Client-side limit on API requests per second (a fixed one-second window: at most this
+    /// many at once, then the rest of the second waits).
     #[arg(long, default_value_t = 50.0)]
     pub qps: f64,
 }

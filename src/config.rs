@@ -82,8 +82,9 @@ pub struct QueueArgs {
     /// Concurrent long-polling receivers; each takes up to 10 messages per call.
     #[arg(long, env = "NODEDRAIN_RECEIVERS", default_value_t = 4)]
     pub receivers: usize,
-    /// How long a received message stays invisible to other receivers; nodedrain extends it at
-    /// half this period for as long as it is still handling the message.
+    /// How long a message being handled stays invisible to other receivers; nodedrain extends it
+    /// to this, at half this period, for as long as it is handling the message. (The receive
+    /// itself asks for a short timeout, so an answer lost on the network hides nothing for long.)
     #[arg(long, env = "NODEDRAIN_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub visibility_timeout: Duration,
     /// What to do with messages that cannot be parsed or are of an unknown type: delete them, or
@@ -126,8 +127,9 @@ pub struct LeaseArgs {
     /// A standby takes over this long after the leader's last renewal.
     #[arg(long, env = "NODEDRAIN_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
-    /// The leader steps down when it could not renew for this long (must be shorter than the
-    /// lease duration, so it stops acting before a standby may start).
+    /// The leader steps down when it could not renew for this long. It notices within one retry
+    /// period, so renew deadline + retry period must be shorter than the lease duration: then it
+    /// stops acting before a standby may start.
     #[arg(long, env = "NODEDRAIN_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub lease_renew_deadline: Duration,
     /// How often the leader renews and a standby retries.
@@ -361,9 +363,15 @@ pub enum ConfigError {
     )]
     InvalidLeaseName(String),
     #[error(
-        "lease timings cannot work: need --lease-duration ({duration}) > --lease-renew-deadline ({renew}) > --lease-retry-period ({retry}) > 0, so a leader steps down before a standby may take over"
+        "lease timings cannot work: need --lease-renew-deadline ({renew}) > --lease-retry-period ({retry}) > 0"
     )]
-    InvalidLeaseTimings {
+    InvalidLeaseTimings { renew: String, retry: String },
+    /// A leader that stops renewing keeps acting until its next attempt runs past the renew
+    /// deadline: up to renew deadline + retry period after its last renewal.
+    #[error(
+        "lease timings allow two leaders at once: lease duration must exceed renew deadline + retry period, got --lease-duration {duration} (as whole seconds in the Lease) <= --lease-renew-deadline {renew} + --lease-retry-period {retry}"
+    )]
+    LeaseShorterThanStepDown {
         duration: String,
         renew: String,
         retry: String,
@@ -517,8 +525,15 @@ impl ControllerArgs {
             l.lease_renew_deadline,
             l.lease_retry_period,
         );
-        if !(d > r && r > p && !p.is_zero()) {
+        if r <= p || p.is_zero() {
             return Err(ConfigError::InvalidLeaseTimings {
+                renew: show(r),
+                retry: show(p),
+            });
+        }
+        // Standbys read the duration from the Lease, which holds whole seconds.
+        if Duration::from_secs(crate::leader::lease_seconds(d)) <= r + p {
+            return Err(ConfigError::LeaseShorterThanStepDown {
                 duration: show(d),
                 renew: show(r),
                 retry: show(p),
@@ -970,8 +985,8 @@ mod tests {
             (vec!["--node-selector", "team in ("], "--node-selector"),
             (vec!["--node-selector", "a==b=c"], "NODEDRAIN_NODE_SELECTOR"),
             (
-                vec!["--lease-duration", "10s", "--lease-renew-deadline", "10s"],
-                "need --lease-duration (10s) > --lease-renew-deadline (10s)",
+                vec!["--lease-renew-deadline", "2s"],
+                "need --lease-renew-deadline (2s) > --lease-retry-period (2s) > 0",
             ),
             (
                 vec!["--lease-retry-period", "0s"],
@@ -988,6 +1003,43 @@ mod tests {
             let e = validate(&args(&argv)).unwrap_err().to_string();
             assert!(e.contains(needle), "{argv:?}: {e}");
         }
+    }
+
+    /// A leader steps down at most renew deadline + retry period after its last renewal; a
+    /// standby may take over a lease duration after it saw that renewal. The duration must be
+    /// longer, or both act at once.
+    #[test]
+    fn lease_duration_must_exceed_renew_deadline_plus_retry_period() {
+        let timings = |d: &str, r: &str, p: &str| {
+            validate(&args(&[
+                "--lease-duration",
+                d,
+                "--lease-renew-deadline",
+                r,
+                "--lease-retry-period",
+                p,
+            ]))
+        };
+        // The example: accepted before, two leaders possible for up to a second.
+        let e = timings("15s", "14s", "2s").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "lease timings allow two leaders at once: lease duration must exceed renew deadline + retry period, got --lease-duration 15s (as whole seconds in the Lease) <= --lease-renew-deadline 14s + --lease-retry-period 2s"
+        );
+        // The boundary: equal is refused, one second more is accepted.
+        assert!(matches!(
+            timings("12s", "10s", "2s"),
+            Err(ConfigError::LeaseShorterThanStepDown { .. })
+        ));
+        assert!(timings("13s", "10s", "2s").is_ok());
+        // The Lease stores whole seconds: 12.9 s is written, and read by standbys, as 12.
+        assert!(matches!(
+            timings("12900ms", "10s", "2s"),
+            Err(ConfigError::LeaseShorterThanStepDown { .. })
+        ));
+        assert!(timings("12s", "9500ms", "2s").is_ok());
+        // client-go's defaults pass.
+        assert!(timings("15s", "10s", "2s").is_ok());
     }
 
     #[test]

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt};
+use kube::{Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -26,28 +25,25 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::admin::{AdminError, AdminServer, Readiness};
 use crate::burst::{BurstHold, Release};
 use crate::config::{ControllerConfig, NodeNotFound, RebalanceMode};
-use crate::drain::execute::{DrainConfig, DrainRequest, Drainer};
+use crate::drain::execute::{DrainConfig, DrainRequest, Drainer, Prepared};
+use crate::drain::machine::Origin;
 use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, PolicyError};
 use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
+use crate::handoff::Handoff;
 use crate::interruption::events::{Interruption, InterruptionKind};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
 use crate::leader::LeaderElector;
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
 use crate::names;
-use crate::node::{self, DrainRecord, Phase};
+use crate::node::{self, DrainKind, DrainRecord, Phase};
 use crate::resolve::{self, NodeWatch, Resolution, Resolver};
 
 /// How long a message waits before it is offered again when its node cannot be found yet (a
 /// node that is still registering) or the apiserver failed: long enough not to spin, short
 /// enough to act well within a two-minute warning.
 const RETRY_DELAY: Duration = Duration::from_secs(10);
-
-/// Auto Scaling keeps an instance in Terminating:Wait for the hook's heartbeat timeout (one hour
-/// by default, often set to minutes). A heartbeat every minute keeps any timeout of two minutes
-/// or more from expiring while the drain runs.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How often nodes that survived a rebalance recommendation are looked at, at most: a short
 /// uncordon-after is looked at four times as often as it lasts, so it is kept to within a quarter.
@@ -84,11 +80,10 @@ struct Shared {
     nodes: Api<Node>,
     /// The same nodes through the cordon client (see [`run`]).
     cordon_nodes: Api<Node>,
-    client: Client,
     drainer: Drainer,
     resolver: Resolver,
     watch: NodeWatch,
-    autoscaling: aws_sdk_autoscaling::Client,
+    handoff: Handoff,
     metrics: Metrics,
     config: ControllerConfig,
     policy: ClusterPolicy,
@@ -182,11 +177,10 @@ pub async fn run(
     let shared = Arc::new(Shared {
         nodes,
         cordon_nodes: Api::all(cordon_client),
-        client,
+        handoff: Handoff::new(client, aws_sdk_autoscaling::Client::new(&aws)),
         drainer,
         resolver,
         watch: node_watch,
-        autoscaling: aws_sdk_autoscaling::Client::new(&aws),
         metrics,
         policy,
         config: config.clone(),
@@ -266,9 +260,11 @@ async fn lead_while_elected(
         tokio::select! {
             _ = shutdown.cancelled() => {}
             lost = is_leader.wait_for(|leader| !*leader) => {
-                if lost.is_ok() {
+                // On shutdown the elector steps down to hand the lease over, and this may see
+                // that before the shutdown itself: not a lost lease.
+                if lost.is_ok() && !shutdown.is_cancelled() {
                     warn!("lost the lease: stopping the queue and the drains");
-                } else {
+                } else if lost.is_err() {
                     // The elector is gone (it only stops at shutdown): wait for that.
                     shutdown.cancelled().await;
                 }
@@ -454,7 +450,7 @@ async fn start_held_drains(shared: Arc<Shared>, term: CancellationToken) {
             Release::Start(drains) => {
                 debug!(drains = drains.len(), "burst cordoned: starting its drains");
                 for (node, record) in drains {
-                    start_drain(&shared, &term, node, record);
+                    start_drain(&shared, &term, node, record, Origin::Fresh);
                 }
                 continue;
             }
@@ -539,8 +535,14 @@ fn same_urgency(a: &DrainRecord, b: &DrainRecord) -> bool {
 /// Starts a drain task for `node`. If one runs already with the same record nothing happens;
 /// with a more urgent record (merged by [`merge_records`]) the running one is cancelled and the
 /// new one starts when it has stopped.
-fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, record: DrainRecord) {
-    if record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+fn start_drain(
+    shared: &Arc<Shared>,
+    term: &CancellationToken,
+    node: String,
+    record: DrainRecord,
+    origin: Origin,
+) {
+    if record.kind == DrainKind::Interruption(InterruptionKind::RebalanceRecommendation)
         && shared.config.behaviour.rebalance == RebalanceMode::CordonOnly
     {
         return;
@@ -579,7 +581,7 @@ fn start_drain(shared: &Arc<Shared>, term: &CancellationToken, node: String, rec
             if let Some(previous) = previous {
                 previous.done.cancelled().await;
             }
-            drain_and_hand_over(&task_shared, &cancel, &node, record).await;
+            drain_and_hand_over(&task_shared, &cancel, &node, record, origin).await;
             done.cancel();
             let mut draining = lock(&task_shared.draining);
             // Only this task's entry: a newer task may have replaced it already.
@@ -605,7 +607,7 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
         };
         // A drain someone started from the CLI belongs to them; the controller does not finish
         // it behind their back.
-        if record.kind == node::MANUAL_KIND {
+        if record.kind == DrainKind::Manual {
             continue;
         }
         let unfinished = match record.phase {
@@ -619,7 +621,7 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
         };
         if unfinished {
             resumed += 1;
-            start_drain(shared, term, node.name_any(), record);
+            start_drain(shared, term, node.name_any(), record, Origin::Resumed);
         }
     }
     info!(resumed, "resumed unfinished drains from node records");
@@ -632,10 +634,11 @@ async fn drain_and_hand_over(
     cancel: &CancellationToken,
     name: &str,
     record: DrainRecord,
+    origin: Origin,
 ) {
     let _draining = shared.metrics.draining_guard();
     let started = Instant::now();
-    let kind: Option<InterruptionKind> = record.kind.parse().ok();
+    let kind = record.kind.interruption();
     let handover = kind != Some(InterruptionKind::RebalanceRecommendation)
         || shared.config.behaviour.rebalance == RebalanceMode::DrainAndHandover;
     let options = PlanOptions {
@@ -656,18 +659,25 @@ async fn drain_and_hand_over(
         options,
         policy: shared.policy.clone(),
         timeout: None,
-        record: Some(record.clone()),
+        // Prepared by the batch that read the interruption, or by an earlier leader.
+        prepared: Some(Prepared {
+            record: record.clone(),
+            reference: shared
+                .watch
+                .store()
+                .get(&ObjectRef::new(name))
+                .map(|node| node.object_ref(&())),
+            origin,
+        }),
         cancel: cancel.clone(),
     };
 
     let (progress, events) = mpsc::channel(256);
     let metrics_task = tokio::spawn(count_progress(shared.metrics.clone(), events));
     let heartbeat = record.lifecycle_hook.clone().map(|hook| {
-        tokio::spawn(heartbeat(
-            shared.autoscaling.clone(),
-            hook,
-            cancel.child_token(),
-        ))
+        let handoff = shared.handoff.clone();
+        let stop = cancel.child_token();
+        tokio::spawn(async move { handoff.heartbeat(&hook, stop).await })
     });
     let result = shared
         .drainer
@@ -696,19 +706,13 @@ async fn drain_and_hand_over(
         return;
     }
 
-    // The Auto Scaling hook is completed whether or not the drain emptied the node: the deadline
-    // has come either way, and holding the instance longer only delays its replacement.
-    let mut handed_over = false;
-    if let Some(hook) = &record.lifecycle_hook {
-        handed_over |= complete_lifecycle_action(&shared.autoscaling, hook).await;
-    }
-    if handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff {
-        handed_over |= delete_node_claim(shared, name).await;
-    }
-    if handed_over && let Err(error) = node::set_phase(&shared.nodes, name, Phase::HandedOver).await
-    {
-        warn!(%error, "cannot record the handover");
-    }
+    let karpenter =
+        handover && outcome == DrainResult::Succeeded && shared.config.behaviour.karpenter_handoff;
+    let node = shared.watch.store().get(&ObjectRef::new(name));
+    shared
+        .handoff
+        .hand_over(name, node.as_deref(), &record, karpenter)
+        .await;
 }
 
 fn drain_result(report: &DrainReport) -> DrainResult {
@@ -764,117 +768,6 @@ async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEve
     }
 }
 
-/// Keeps the instance in Terminating:Wait while the drain runs.
-async fn heartbeat(
-    autoscaling: aws_sdk_autoscaling::Client,
-    hook: node::LifecycleHook,
-    stop: CancellationToken,
-) {
-    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        let mut request = autoscaling
-            .record_lifecycle_action_heartbeat()
-            .lifecycle_hook_name(&hook.hook_name)
-            .auto_scaling_group_name(&hook.group_name);
-        request = match &hook.token {
-            Some(token) => request.lifecycle_action_token(token),
-            None => request.instance_id(&hook.instance_id),
-        };
-        if let Err(error) = request.send().await {
-            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
-                "lifecycle heartbeat failed");
-        }
-    }
-}
-
-/// `CompleteLifecycleAction` with CONTINUE: Auto Scaling may terminate the instance now.
-async fn complete_lifecycle_action(
-    autoscaling: &aws_sdk_autoscaling::Client,
-    hook: &node::LifecycleHook,
-) -> bool {
-    let mut request = autoscaling
-        .complete_lifecycle_action()
-        .lifecycle_hook_name(&hook.hook_name)
-        .auto_scaling_group_name(&hook.group_name)
-        .lifecycle_action_result("CONTINUE");
-    request = match &hook.token {
-        Some(token) => request.lifecycle_action_token(token),
-        None => request.instance_id(&hook.instance_id),
-    };
-    match request.send().await {
-        Ok(_) => {
-            info!(hook = %hook.hook_name, group = %hook.group_name, "lifecycle action completed");
-            true
-        }
-        Err(error) => {
-            warn!(hook = %hook.hook_name, error = %aws_sdk_autoscaling::error::DisplayErrorContext(&error),
-                "cannot complete the lifecycle action; Auto Scaling will continue at the hook's timeout");
-            false
-        }
-    }
-}
-
-fn node_claims(client: &Client) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"),
-        "nodeclaims",
-    );
-    Api::all_with(client.clone(), &resource)
-}
-
-/// Deletes the Karpenter NodeClaim behind a drained node, so Karpenter replaces the capacity
-/// now instead of after the instance is gone. Only for nodes of a NodePool.
-async fn delete_node_claim(shared: &Shared, name: &str) -> bool {
-    let Some(node) = shared.watch.store().get(&ObjectRef::new(name)) else {
-        return false;
-    };
-    if !node.labels().contains_key(names::LABEL_KARPENTER_NODEPOOL) {
-        return false;
-    }
-    let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.clone());
-    let api = node_claims(&shared.client);
-    let claims = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
-        Err(error) => {
-            warn!(%error, "cannot list Karpenter NodeClaims; leaving the node to Karpenter");
-            return false;
-        }
-    };
-    let claim = claims.into_iter().find(|claim| {
-        let status = claim.data.get("status");
-        let node_name = status
-            .and_then(|s| s.get("nodeName"))
-            .and_then(|v| v.as_str());
-        let claim_provider = status
-            .and_then(|s| s.get("providerID"))
-            .and_then(|v| v.as_str());
-        node_name == Some(name)
-            || (provider_id.is_some() && claim_provider == provider_id.as_deref())
-    });
-    let Some(claim) = claim else {
-        warn!("no Karpenter NodeClaim found for the node");
-        return false;
-    };
-    match api
-        .delete(&claim.name_any(), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {
-            info!(nodeclaim = %claim.name_any(), "deleted the NodeClaim: Karpenter replaces the capacity");
-            true
-        }
-        Err(error) => {
-            warn!(nodeclaim = %claim.name_any(), %error, "cannot delete the NodeClaim");
-            false
-        }
-    }
-}
-
 /// Uncordons nodes that survived a rebalance recommendation for longer than configured.
 async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
     let Some(after_std) = shared.config.behaviour.rebalance_uncordon_after else {
@@ -897,7 +790,8 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
             let Ok(Some(record)) = node::record_of(&node) else {
                 continue;
             };
-            let survived = record.kind == InterruptionKind::RebalanceRecommendation.as_str()
+            let survived = record.kind
+                == DrainKind::Interruption(InterruptionKind::RebalanceRecommendation)
                 && record.phase != Phase::HandedOver
                 && record.started.checked_add(after).is_ok_and(|t| t <= now);
             let name = node.name_any();
@@ -918,12 +812,14 @@ async fn sweep_rebalanced(shared: Arc<Shared>, term: CancellationToken) {
 mod tests {
     use super::*;
 
+    const SPOT: DrainKind = DrainKind::Interruption(InterruptionKind::SpotInterruption);
+
     fn record(kind: &str, deadline: Option<i64>, voluntary: bool, started: i64) -> DrainRecord {
         let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
         DrainRecord {
             deadline: deadline.map(at),
             voluntary,
-            kind: kind.to_string(),
+            kind: kind.parse().unwrap(),
             ..DrainRecord::manual(at(started), None)
         }
     }
@@ -950,7 +846,7 @@ mod tests {
         let spot = record("spot-interruption", Some(130), false, 10);
         let merged = merge_records(rebalance.clone(), spot);
         assert!(!merged.voluntary);
-        assert_eq!(merged.kind, "spot-interruption");
+        assert_eq!(merged.kind, SPOT);
         assert_eq!(merged.started, rebalance.started);
         assert!(!same_urgency(&merged, &rebalance));
         // The earlier deadline wins whichever message comes second.
@@ -959,7 +855,7 @@ mod tests {
             record("scheduled-change", Some(900), false, 20),
         );
         assert_eq!(later.deadline, merged.deadline);
-        assert_eq!(later.kind, "spot-interruption");
+        assert_eq!(later.kind, SPOT);
     }
 
     #[test]
@@ -970,7 +866,7 @@ mod tests {
             record("rebalance-recommendation", None, true, 1),
         );
         assert!(same_urgency(&merged, &spot));
-        assert_eq!(merged.kind, "spot-interruption");
+        assert_eq!(merged.kind, SPOT);
         assert!(!merged.voluntary);
     }
 }

@@ -9,8 +9,13 @@
 //!   leaders.
 //! - Writes are replaces carrying the read `resourceVersion`: of two replicas racing for an
 //!   expired lease, the apiserver accepts one and answers 409 to the other.
-//! - A leader that cannot renew for `renew_deadline` (< lease duration) steps down before any
-//!   standby may take over, so there is never a moment with two replicas acting.
+//! - A leader that cannot renew steps down once `renew_deadline` has passed since the start of
+//!   its last successful renewal: an attempt never runs past that moment, and the check comes
+//!   at most one `retry_period` late, so it stops acting within `renew_deadline + retry_period`.
+//!   A standby takes over no sooner than `lease_duration` after it saw that renewal, which came
+//!   after the attempt started. So two replicas never act at once *provided* the lease duration
+//!   exceeds renew deadline + retry period, which `config` enforces; requests the old leader
+//!   already sent are not recalled (see the README's High availability section).
 //! - On shutdown the leader clears `holderIdentity`, and a standby takes over at its next try
 //!   instead of after the lease expires.
 //!
@@ -37,7 +42,8 @@ pub struct LeaseConfig {
     pub namespace: String,
     /// Written to `holderIdentity`; unique per replica (pod name).
     pub identity: String,
-    /// Invariant: lease_duration > renew_deadline > retry_period > 0 (checked by config).
+    /// Invariant: lease_duration (in whole seconds, as the Lease stores it) > renew_deadline +
+    /// retry_period, and renew_deadline > retry_period > 0 (checked by config).
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
@@ -45,7 +51,8 @@ pub struct LeaseConfig {
 
 impl LeaseConfig {
     /// client-go's defaults: 15 s / 10 s / 2 s. A standby takes over at most ~17 s after the
-    /// leader dies; the leader renews at 0.5 writes per second.
+    /// leader dies; the leader renews at 0.5 writes per second; a leader cut off from the
+    /// apiserver stops acting within 12 s, 3 s before anyone may take over.
     pub fn new(
         name: impl Into<String>,
         namespace: impl Into<String>,
@@ -146,8 +153,14 @@ fn decide(
     }
 }
 
+/// `leaseDurationSeconds` as written for `d`: whole seconds, at least one. Standbys judge expiry
+/// by this value, not by `d`.
+pub fn lease_seconds(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
 fn duration_seconds(d: Duration) -> i32 {
-    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+    i32::try_from(lease_seconds(d)).unwrap_or(i32::MAX)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,21 +210,29 @@ impl LeaderElector {
             "campaigning for leadership"
         );
         loop {
-            let attempt = tokio::time::timeout(
-                self.config.renew_deadline,
-                self.try_acquire_or_renew(&mut observed),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(LeaderError::Timeout {
-                    namespace: self.config.namespace.clone(),
-                    name: self.config.name.clone(),
-                })
-            });
+            let started = Instant::now();
+            let budget = match last_renew {
+                // A leader's attempt may not outlive its renew deadline: a hung request must not
+                // keep it acting after a standby may have taken over.
+                Some(renewed) if *self.leader.borrow() => {
+                    (renewed + self.config.renew_deadline).saturating_duration_since(started)
+                }
+                _ => self.config.renew_deadline,
+            };
+            let attempt = tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LeaderError::Timeout {
+                        namespace: self.config.namespace.clone(),
+                        name: self.config.name.clone(),
+                    })
+                });
             let now = Instant::now();
             match attempt {
                 Ok(true) => {
-                    last_renew = Some(now);
+                    // The apiserver wrote the renewal after this attempt started, and standbys
+                    // count from when they saw it: counting from the start errs on the safe side.
+                    last_renew = Some(started);
                     self.set_leader(true);
                 }
                 Ok(false) => {
@@ -246,6 +267,7 @@ impl LeaderElector {
         }
         if *self.leader.borrow() {
             // Stop acting first, then hand the lease over.
+            info!("shutting down: stepping down and handing the lease over");
             self.set_leader(false);
             match tokio::time::timeout(self.config.renew_deadline, self.release()).await {
                 Ok(Ok(())) => info!("released the lease"),

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod controller;
 pub mod drain;
+pub mod handoff;
 pub mod interruption;
 pub mod kube_client;
 pub mod leader;

@@ -525,7 +525,8 @@ mod tests {
             m.message(MessageOutcome::Handled);
             m.message(MessageOutcome::Handled);
             m.malformed(
-                &crate::interruption::events::parse_message("nope").expect_err("malformed"),
+                &crate::interruption::events::parse_message("nope", jiff::Timestamp::UNIX_EPOCH)
+                    .expect_err("malformed"),
             );
             m.interruption(InterruptionKind::SpotInterruption);
             m.event_to_cordon(InterruptionKind::SpotInterruption, 0.3);

@@ -83,4 +83,10 @@ pub mod reasons {
     pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
     /// Eviction is refused by a PodDisruptionBudget; nodedrain keeps retrying.
     pub const EVICTION_BLOCKED: &str = "EvictionBlocked";
+    /// A leader carried on a drain that an earlier leader (or run) started: the node's record
+    /// already said so, so no second `DrainStarted` is published.
+    pub const DRAIN_RESUMED: &str = "DrainResumed";
+    /// An eviction the apiserver had approved (the pod is in its PDB's `disruptedPods`) never
+    /// deleted the pod; nodedrain deleted it with the same grace so the budget is not held.
+    pub const EVICTION_COMPLETED: &str = "EvictionCompleted";
 }

@@ -20,7 +20,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::interruption::events::{Interruption, LifecycleAction};
+use crate::interruption::events::{Interruption, InterruptionKind, LifecycleAction};
 use crate::names;
 
 /// How often a write that lost an optimistic-concurrency race (409) is recomputed and retried.
@@ -28,9 +28,66 @@ use crate::names;
 /// Node continuously, which a sixth try will not fix.
 const CONFLICT_RETRIES: usize = 5;
 
-/// The `kind` of drains started by a person (`nodedrain drain`), as opposed to an AWS
+/// The kind of drains started by a person (`nodedrain drain`), as opposed to an AWS
 /// interruption kind. Also the taint value.
 pub const MANUAL_KIND: &str = "manual";
+
+/// Why a node is drained: an AWS interruption, or a person. Written in the record and as the
+/// value of the [`names::TAINT_INTERRUPTION`] taint by its [`as_str`](DrainKind::as_str), which is
+/// always a valid label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DrainKind {
+    Interruption(InterruptionKind),
+    /// `nodedrain drain`: the controller never takes these over.
+    Manual,
+}
+
+impl DrainKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DrainKind::Interruption(kind) => kind.as_str(),
+            DrainKind::Manual => MANUAL_KIND,
+        }
+    }
+
+    /// The interruption behind the drain, if an interruption started it.
+    pub const fn interruption(self) -> Option<InterruptionKind> {
+        match self {
+            DrainKind::Interruption(kind) => Some(kind),
+            DrainKind::Manual => None,
+        }
+    }
+}
+
+impl fmt::Display for DrainKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DrainKind {
+    type Err = crate::interruption::events::UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == MANUAL_KIND {
+            return Ok(DrainKind::Manual);
+        }
+        s.parse().map(DrainKind::Interruption)
+    }
+}
+
+impl Serialize for DrainKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DrainKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -61,11 +118,13 @@ pub enum NodeError {
         names::ANNOTATION_DRAIN_RECORD
     )]
     NoRecord { node: String },
-    /// The record's kind cannot be a taint value.
-    #[error(
-        "drain kind {kind:?} cannot be a taint value (at most 63 characters of [A-Za-z0-9._-], alphanumeric at both ends)"
-    )]
-    InvalidKind { kind: String },
+    /// The record is in a phase the requested one cannot follow ([`Phase::may_become`]).
+    #[error("node {node:?}: a drain record in phase {from} cannot become {to}")]
+    PhaseOrder {
+        node: String,
+        from: Phase,
+        to: Phase,
+    },
     /// Every attempt lost an optimistic-concurrency race.
     #[error(
         "node {node:?} kept changing under us: gave up after {CONFLICT_RETRIES} conflicting writes"
@@ -124,6 +183,25 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The only ways a record's phase moves; every writer goes through [`DrainRecord::enter`] or
+    /// [`set_phase`], which check it. A new interruption starts a new record (`cordoned`) through
+    /// [`prepare`] whatever the old one said.
+    ///
+    /// - `cordoned` → `draining` (the first pod is acted on), `drained`, `failed`;
+    /// - `draining` → `drained`, `failed`;
+    /// - `drained`, `failed` → `handedOver` (an Auto Scaling hook is completed either way);
+    /// - staying in a phase is always allowed (a resumed drain rewrites it).
+    pub fn may_become(self, next: Phase) -> bool {
+        use Phase::*;
+        self == next
+            || matches!(
+                (self, next),
+                (Cordoned, Draining | Drained | Failed)
+                    | (Draining, Drained | Failed)
+                    | (Drained | Failed, HandedOver)
+            )
+    }
+
     /// A bounded metric label and the record's wire value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -171,9 +249,9 @@ impl From<&LifecycleAction> for LifecycleHook {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DrainRecord {
-    /// Why: an interruption kind (`spot-interruption`, ...) or [`MANUAL_KIND`]. Also the value of
-    /// the [`names::TAINT_INTERRUPTION`] taint, so it must be a valid label value.
-    pub kind: String,
+    /// Why: an interruption kind (`spot-interruption`, ...) or `manual`. Also the value of the
+    /// [`names::TAINT_INTERRUPTION`] taint.
+    pub kind: DrainKind,
     /// Short human text ("state stopping", `nodedrain drain` by a person); never parsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -201,7 +279,7 @@ impl DrainRecord {
     /// A drain started by a person from the CLI; involuntary when they gave a deadline.
     pub fn manual(started: Timestamp, deadline: Option<Timestamp>) -> Self {
         DrainRecord {
-            kind: MANUAL_KIND.to_string(),
+            kind: DrainKind::Manual,
             reason: Some("nodedrain drain".to_string()),
             event_id: None,
             deadline,
@@ -216,7 +294,7 @@ impl DrainRecord {
     /// A drain caused by an AWS interruption.
     pub fn from_interruption(interruption: &Interruption, started: Timestamp) -> Self {
         DrainRecord {
-            kind: interruption.kind.as_str().to_string(),
+            kind: DrainKind::Interruption(interruption.kind),
             reason: (!interruption.detail.is_empty()).then(|| interruption.detail.clone()),
             event_id: Some(interruption.event_id.clone()),
             deadline: interruption.deadline,
@@ -226,6 +304,15 @@ impl DrainRecord {
             phase: Phase::Cordoned,
             lb_label_preexisting: false,
         }
+    }
+
+    /// Moves the record to `phase` if [`Phase::may_become`] allows it; returns whether it did.
+    pub fn enter(&mut self, phase: Phase) -> bool {
+        let allowed = self.phase.may_become(phase);
+        if allowed {
+            self.phase = phase;
+        }
+        allowed
     }
 
     fn to_annotation(&self) -> String {
@@ -254,6 +341,7 @@ fn is_our_taint(taint: &Taint) -> bool {
 }
 
 /// A label value: empty, or up to 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+#[cfg(test)]
 fn valid_label_value(value: &str) -> bool {
     value.len() <= 63
         && value
@@ -281,7 +369,7 @@ fn prepare_patch(node: &Node, record: &DrainRecord) -> Option<Value> {
 
     let ours = Taint {
         key: names::TAINT_INTERRUPTION.to_string(),
-        value: Some(record.kind.clone()),
+        value: Some(record.kind.as_str().to_string()),
         effect: "NoSchedule".to_string(),
         time_added: None,
     };
@@ -439,11 +527,6 @@ async fn patch_with_retry(
 /// replaces the record and the taint's value. Other taints, labels and annotations are kept.
 /// Returns the node as it is afterwards (its record has `lb_label_preexisting` filled in).
 pub async fn prepare(api: &Api<Node>, name: &str, record: &DrainRecord) -> Result<Node, NodeError> {
-    if !valid_label_value(&record.kind) || record.kind.is_empty() {
-        return Err(NodeError::InvalidKind {
-            kind: record.kind.clone(),
-        });
-    }
     patch_with_retry(api, name, None, |node| Ok(prepare_patch(node, record)))
         .await
         .map(|(node, _)| node)
@@ -456,11 +539,6 @@ pub async fn prepare_from(
     node: &Node,
     record: &DrainRecord,
 ) -> Result<Node, NodeError> {
-    if !valid_label_value(&record.kind) || record.kind.is_empty() {
-        return Err(NodeError::InvalidKind {
-            kind: record.kind.clone(),
-        });
-    }
     let name = node_name(node).to_string();
     patch_with_retry(api, &name, Some(node.clone()), |node| {
         Ok(prepare_patch(node, record))
@@ -512,7 +590,13 @@ pub async fn set_phase(
         if record.phase == phase {
             return Ok(None);
         }
-        record.phase = phase;
+        if !record.enter(phase) {
+            return Err(NodeError::PhaseOrder {
+                node: name.to_string(),
+                from: record.phase,
+                to: phase,
+            });
+        }
         Ok(Some(json!({"metadata": {
             "resourceVersion": node.metadata.resource_version,
             "annotations": {names::ANNOTATION_DRAIN_RECORD: record.to_annotation()},
@@ -725,11 +809,47 @@ mod tests {
     }
 
     #[test]
-    fn taint_values_are_validated() {
-        assert!(valid_label_value("spot-interruption"));
-        assert!(valid_label_value(MANUAL_KIND));
+    fn a_record_moves_only_forward() {
+        use Phase::*;
+        let mut record = DrainRecord::manual(Timestamp::UNIX_EPOCH, None);
+        assert!(record.enter(Draining));
+        assert!(!record.enter(Cordoned), "never back to cordoned");
+        assert!(record.enter(Drained));
+        assert!(!record.enter(Failed), "a drained node stays drained");
+        assert!(!record.enter(Draining));
+        assert!(record.enter(HandedOver));
+        assert_eq!(record.phase, HandedOver);
+        for phase in [Cordoned, Draining, Drained, Failed] {
+            assert!(!HandedOver.may_become(phase), "handedOver is the end");
+            assert!(phase.may_become(phase));
+        }
+        assert!(
+            Failed.may_become(HandedOver),
+            "a hook is completed after a failed drain too"
+        );
+        assert!(
+            !Cordoned.may_become(HandedOver),
+            "only after the drain ended"
+        );
+    }
+
+    #[test]
+    fn every_drain_kind_is_a_taint_value_and_reads_back() {
         assert!(!valid_label_value("-x"));
         assert!(!valid_label_value("a b"));
         assert!(!valid_label_value(&"x".repeat(64)));
+        let kinds = InterruptionKind::ALL
+            .iter()
+            .map(|k| DrainKind::Interruption(*k))
+            .chain([DrainKind::Manual]);
+        for kind in kinds {
+            assert!(valid_label_value(kind.as_str()), "{kind}");
+            assert_eq!(kind.as_str().parse::<DrainKind>().unwrap(), kind);
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<DrainKind>(&json).unwrap(), kind);
+        }
+        assert!("spot".parse::<DrainKind>().is_err());
+        // A record with a kind this version does not know is unreadable, not misread.
+        assert!(serde_json::from_str::<DrainKind>("\"hibernation\"").is_err());
     }
 }

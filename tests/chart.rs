@@ -162,7 +162,7 @@ fn every_option_file() -> std::path::PathBuf {
 
 fn values_yaml() -> Value {
     let text = std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml");
-    serde_yaml::from_str(&text).expect("values.yaml parses")
+    serde_saphyr::from_str(&text).expect("values.yaml parses")
 }
 
 /// Every `NODEDRAIN_*` variable the controller reads, from its clap definitions.
@@ -524,7 +524,7 @@ fn every_option_renders_where_it_belongs() {
         sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
         "arn:aws:iam::123456789012:role/nodedrain"
     );
-    let policy: Value = serde_yaml::from_str(
+    let policy: Value = serde_saphyr::from_str(
         the(&objects, "ConfigMap")["data"]["policy.yaml"]
             .as_str()
             .unwrap(),
@@ -799,7 +799,7 @@ fn the_readme_documents_every_value_with_its_default() {
             .strip_prefix('`')
             .and_then(|c| c.strip_suffix('`'))
             .unwrap_or_else(|| panic!("{key}: the default must be in backticks: {line}"));
-        let default: Value = serde_yaml::from_str(default_text)
+        let default: Value = serde_saphyr::from_str(default_text)
             .unwrap_or_else(|e| panic!("{key}: default {default_text:?} is not YAML: {e}"));
         assert!(!cells[2].is_empty(), "{key}: no meaning given");
         assert!(
@@ -948,4 +948,26 @@ fn helm_refuses_to_install_without_a_queue_url() {
         helm(&["install", "nodedrain", &chart, "--dry-run=client"]),
     );
     assert!(error.contains("at '/queue/url'"), "{error}");
+}
+
+/// The benchmark runs the controller under these limits (support::cgroup): they must be read
+/// the way the kubelet reads them, from the values a default install uses.
+#[test]
+fn the_charts_limits_read_as_the_kubelet_reads_them() {
+    use support::cgroup::{ChartLimits, cpu_cores, memory_bytes};
+    assert_eq!(memory_bytes("256Mi").unwrap(), 256 << 20);
+    assert_eq!(memory_bytes("1G").unwrap(), 1_000_000_000);
+    assert_eq!(memory_bytes("134217728").unwrap(), 134_217_728);
+    assert!(memory_bytes("lots").is_err());
+    assert_eq!(cpu_cores("500m").unwrap(), 0.5);
+    assert_eq!(cpu_cores("1").unwrap(), 1.0);
+    let limits =
+        ChartLimits::from_yaml("resources:\n  limits:\n    cpu: 250m\n    memory: 128Mi\n")
+            .unwrap();
+    assert_eq!(limits.memory_bytes, 128 << 20);
+    assert_eq!(limits.cpu_cores, 0.25);
+    assert!(ChartLimits::from_yaml("resources: {}\n").is_err());
+    // A default install has limits, or the benchmark would prove nothing.
+    let shipped = ChartLimits::from_values().unwrap();
+    assert!(shipped.memory_bytes > 0 && shipped.cpu_cores > 0.0);
 }

@@ -294,7 +294,7 @@ fn shutting_down(instance: &str) -> String {
 /// A kubeconfig for the sandbox's apiserver that authenticates with `token` only.
 fn token_kubeconfig(dir: &Path, token: &str, namespace: &str) -> PathBuf {
     let text = std::fs::read_to_string(var("KUBECONFIG")).expect("sandbox kubeconfig");
-    let sandbox: Value = serde_yaml::from_str(&text).expect("kubeconfig yaml");
+    let sandbox: Value = serde_saphyr::from_str(&text).expect("kubeconfig yaml");
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -305,7 +305,7 @@ fn token_kubeconfig(dir: &Path, token: &str, namespace: &str) -> PathBuf {
         "current-context": "nodedrain",
     });
     let path = dir.join("kubeconfig");
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).expect("write kubeconfig");
+    std::fs::write(&path, serde_saphyr::to_string(&config).unwrap()).expect("write kubeconfig");
     path
 }
 
@@ -619,7 +619,7 @@ async fn prepare(sandbox: &Sandbox, ledger: &Ledger, variant: Variant) -> Prepar
     let values = dir.join("values.yaml");
     std::fs::write(
         &values,
-        serde_yaml::to_string(&json!({
+        serde_saphyr::to_string(&json!({
             "queue": {"url": queue_url},
             "aws": {"region": var("AWS_REGION"), "endpointUrl": var("AWS_ENDPOINT_URL")},
             "nodeSelector": {"sandbox.nodedrain.io/nowhere": "true"},

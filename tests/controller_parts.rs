@@ -18,7 +18,11 @@ use nodedrain::metrics::Metrics;
 use nodedrain::resolve::{ManagedTag, NodeWatch, Resolution, Resolver};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use support::aws::{Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty};
+use support::aws::{
+    CutProxy, Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty,
+};
+use support::controller::{Controller, Launch};
+use support::drain::eventually;
 use support::{Sandbox, TEST_KEY, var};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -406,6 +410,66 @@ async fn the_intake_survives_sqs_being_down_and_recovers_when_it_is_back() {
     running.stop().await;
 }
 
+/// SQS marks messages in flight when it answers a receive, whether or not the answer arrives. A
+/// network cut during open long polls loses those answers; the messages must come back after the
+/// receive's short visibility timeout, not after the full one a handled message is extended to.
+#[tokio::test]
+async fn messages_answered_into_a_cut_connection_come_back_within_seconds() {
+    let sqs = sandbox_sqs().await;
+    let queue = create_queue(&sqs, "parts-cut", &[]).await;
+    let moto = var("AWS_ENDPOINT_URL");
+    let proxy = CutProxy::start(moto.trim_start_matches("http://").to_string()).await;
+    let through_proxy = aws_sdk_sqs::Client::new(&sdk_config(&proxy.url()).await);
+    let seen = Seen::default();
+    let mut config = test_config(&queue);
+    config.visibility_timeout = Duration::from_secs(60);
+    assert_eq!(config.receive_visibility, Duration::from_secs(10));
+    let running = start(through_proxy, config, recording_handler(seen.clone()), None);
+
+    send(&sqs, &queue, &spot("cut-before", "i-0123456789abcdef5")).await;
+    wait_until("first message handled", Duration::from_secs(15), || {
+        seen.lock().unwrap().len() == 1
+    })
+    .await;
+    // Both receivers are back in a long poll (20 s) on moto.
+    sleep(Duration::from_secs(1)).await;
+
+    proxy.cut();
+    let sent = Instant::now();
+    for n in 0..5 {
+        send(
+            &sqs,
+            &queue,
+            &spot(&format!("cut-{n}"), &format!("i-0123456789abcde{n:02x}")),
+        )
+        .await;
+    }
+    sleep(Duration::from_secs(2)).await;
+    // The open long polls took messages and answered into the cut connections.
+    let (_, in_flight) = depth(&sqs, &queue).await;
+    assert!(
+        in_flight >= 1,
+        "no message was taken by a cut long poll; the test did not cut anything"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "nothing got through the cut");
+    proxy.restore();
+
+    wait_until(
+        "every message sent during the cut handled",
+        Duration::from_secs(25),
+        || seen.lock().unwrap().len() == 6,
+    )
+    .await;
+    // Bounded above by the receive's 10 s, the receivers' backoff and a long poll's turn; the
+    // full visibility timeout would have hidden them for 60 s.
+    eprintln!(
+        "{in_flight} messages answered into the cut were handled {:?} after sending",
+        sent.elapsed()
+    );
+    wait_empty(&sqs, &queue, Duration::from_secs(10)).await;
+    running.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Resolver
 
@@ -572,13 +636,18 @@ async fn the_resolver_finds_nodes_by_provider_id_and_by_private_dns_name() {
 // ---------------------------------------------------------------------------------------------
 // Leader election
 
-fn elector(sandbox: &Sandbox, namespace: &str, identity: &str) -> LeaderElector {
+/// Short timings keep the tests quick; the ratios are the defaults' (15/10/2), and a leader that
+/// stops renewing stops acting within renew deadline + retry period (2.4 s), before the lease
+/// (3 s) lets a standby in.
+const RENEW_DEADLINE: Duration = Duration::from_secs(2);
+const RETRY_PERIOD: Duration = Duration::from_millis(400);
+
+fn elector(client: &kube::Client, namespace: &str, identity: &str) -> LeaderElector {
     let mut config = LeaseConfig::new("nodedrain-test", namespace, identity);
-    // Short timings keep the test quick; the ratios are the defaults' (15/10/2).
     config.lease_duration = Duration::from_secs(3);
-    config.renew_deadline = Duration::from_secs(2);
-    config.retry_period = Duration::from_millis(400);
-    LeaderElector::new(sandbox.client.clone(), config)
+    config.renew_deadline = RENEW_DEADLINE;
+    config.retry_period = RETRY_PERIOD;
+    LeaderElector::new(client.clone(), config)
 }
 
 async fn wait_leader(rx: &mut tokio::sync::watch::Receiver<bool>, limit: Duration) {
@@ -593,13 +662,13 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("leader").await;
 
-    let a = elector(&sandbox, &scope.id, "a");
+    let a = elector(&sandbox.client, &scope.id, "a");
     let mut a_rx = a.subscribe();
     let a_cancel = CancellationToken::new();
     let a_task = tokio::spawn(a.run(a_cancel.clone()));
     wait_leader(&mut a_rx, Duration::from_secs(10)).await;
 
-    let b = elector(&sandbox, &scope.id, "b");
+    let b = elector(&sandbox.client, &scope.id, "b");
     let mut b_rx = b.subscribe();
     let b_task = tokio::spawn(b.run(CancellationToken::new()));
     // While a renews, b never leads.
@@ -626,7 +695,7 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
 
     // c stands by; b dies without releasing (its future is dropped): c takes over only after
     // the lease expired.
-    let c = elector(&sandbox, &scope.id, "c");
+    let c = elector(&sandbox.client, &scope.id, "c");
     let mut c_rx = c.subscribe();
     let c_task = tokio::spawn(c.run(CancellationToken::new()));
     sleep(Duration::from_secs(1)).await;
@@ -640,5 +709,127 @@ async fn one_leader_at_a_time_and_the_standby_takes_over() {
         "took over {took:?} after the leader died, before its lease could expire"
     );
     c_task.abort();
+    scope.cleanup().await;
+}
+
+/// SIGTERM is the normal way a replica stops (a rollout, a node drained): the leader hands the
+/// lease over and says so, without a warning that reads like a failure.
+#[tokio::test]
+async fn a_clean_sigterm_hands_the_lease_over_without_a_lost_lease_warning() {
+    let sandbox = Sandbox::connect().await;
+    let scope = sandbox.scope("sigterm").await;
+    let sqs = sandbox_sqs().await;
+    let queue = create_queue(&sqs, "parts-sigterm", &[]).await;
+    let lease_name = format!("nodedrain-{}", scope.id);
+    let mut controller = Controller::start(Launch {
+        name: "sigterm",
+        queue_url: &queue,
+        lease: Some((&scope.id, &lease_name)),
+        extra: &[],
+        env: &[],
+    });
+    controller.wait_ready(Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(15), "the replica leads", || async {
+        controller.metric("nodedrain_leader").await == 1.0
+    })
+    .await;
+
+    let status = controller.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+    let log = controller.log();
+    assert!(
+        log.contains("shutting down: stepping down and handing the lease over"),
+        "{log}"
+    );
+    assert!(log.contains("released the lease"), "{log}");
+    assert!(!log.contains("lost the lease"), "{log}");
+    let holder = scope
+        .api::<k8s_openapi::api::coordination::v1::Lease>()
+        .get(&lease_name)
+        .await
+        .expect("the lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(holder, None, "the lease is free for the standby");
+    scope.cleanup().await;
+}
+
+/// A client for the sandbox's apiserver that goes through a [`CutProxy`] (TLS passes through it
+/// untouched, and the certificate names the loopback address, not the port).
+async fn client_through_proxy(sandbox: &Sandbox) -> (kube::Client, CutProxy) {
+    let raw = kube::config::Kubeconfig::read_from(&sandbox.kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(raw, &Default::default())
+        .await
+        .expect("kubeconfig is usable");
+    let upstream = config
+        .cluster_url
+        .authority()
+        .expect("apiserver address")
+        .to_string();
+    let proxy = CutProxy::start(upstream).await;
+    config.cluster_url = format!("https://127.0.0.1:{}", proxy.port)
+        .parse()
+        .expect("proxy URL");
+    (kube::Client::try_from(config).expect("kube client"), proxy)
+}
+
+/// A leader cut off from the apiserver must stop acting before a standby may take over: within
+/// renew deadline + retry period of its last renewal, which the lease duration exceeds. Its
+/// requests first fail at once (connections refused), then hang (a partition: no error, no
+/// answer): an attempt that starts hanging just before the renew deadline must not carry the
+/// leader past it.
+#[tokio::test]
+async fn a_leader_cut_off_from_the_apiserver_stops_before_the_standby_starts() {
+    let sandbox = Sandbox::connect().await;
+    let scope = sandbox.scope("leader-cut").await;
+    let (through_proxy, proxy) = client_through_proxy(&sandbox).await;
+
+    let a = elector(&through_proxy, &scope.id, "a");
+    let mut a_rx = a.subscribe();
+    let a_task = tokio::spawn(a.run(CancellationToken::new()));
+    wait_leader(&mut a_rx, Duration::from_secs(10)).await;
+    let b = elector(&sandbox.client, &scope.id, "b");
+    let mut b_rx = b.subscribe();
+    let b_task = tokio::spawn(b.run(CancellationToken::new()));
+    sleep(Duration::from_secs(1)).await;
+    assert!(*a_rx.borrow() && !*b_rx.borrow(), "a leads, b stands by");
+
+    proxy.cut();
+    let cut = Instant::now();
+    let (_, a_stopped, b_started) = timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            async {
+                sleep(RENEW_DEADLINE - Duration::from_millis(500)).await;
+                proxy.stall();
+            },
+            async {
+                a_rx.wait_for(|l| !*l).await.unwrap();
+                Instant::now()
+            },
+            async {
+                b_rx.wait_for(|l| *l).await.unwrap();
+                Instant::now()
+            },
+        )
+    })
+    .await
+    .expect("a stepped down and b took over");
+    // a renewed last at most one retry period before the cut.
+    let stopped_after = a_stopped - cut;
+    assert!(
+        stopped_after <= RENEW_DEADLINE + RETRY_PERIOD + Duration::from_millis(300),
+        "a kept acting {stopped_after:?} into the partition"
+    );
+    assert!(
+        a_stopped < b_started,
+        "two leaders: b started {:?} before a stopped",
+        a_stopped - b_started
+    );
+    eprintln!(
+        "a stopped {stopped_after:?} into the partition, b started {:?} after that",
+        b_started - a_stopped
+    );
+    a_task.abort();
+    b_task.abort();
     scope.cleanup().await;
 }

@@ -235,3 +235,82 @@ async fn at_the_deadline_a_blocked_pod_is_deleted_with_an_event() {
     assert!(note.contains(&target), "{note}");
     scope.cleanup().await;
 }
+
+/// An eviction the apiserver approved but never carried out: its handler wrote the PDB status
+/// that spends the budget on the pod (`disruptedPods`), and its sender was cut off before the
+/// pod was deleted. The disruption controller keeps such an entry for two minutes, and every
+/// other eviction under the PDB gets 429 meanwhile. The test writes that status itself, as the
+/// eviction handler does (status subresource, the pod in `disruptedPods`, the budget spent):
+/// cutting a real request between those two writes is a race of milliseconds.
+#[tokio::test]
+async fn an_approved_eviction_that_never_deleted_its_pod_is_completed() {
+    let sandbox = Sandbox::connect().await;
+    let scope = sandbox.scope("approved").await;
+    let nodes = scope.nodes(2).await;
+    let target = name_of(&nodes[0]);
+    let pods = scope.pods();
+    on_node(&scope, &nodes, &target, || async {
+        deployment(&scope, "web", 2, 2, json!({})).await;
+        ready_pods(&pods, "app=web", 2, Duration::from_secs(60)).await;
+    })
+    .await;
+    pdb(&scope, "web", "web", json!({"minAvailable": 1})).await;
+    wait_for_budget(&scope, "web", 1).await;
+    let victim = ready_pods(&pods, "app=web", 2, Duration::from_secs(5)).await[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    let pdbs = scope.api::<PodDisruptionBudget>();
+    let charged = json!({"status": {
+        "disruptedPods": {victim.clone(): Timestamp::now().to_string()},
+        "disruptionsAllowed": 0,
+    }});
+    pdbs.patch_status(
+        "web",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&charged),
+    )
+    .await
+    .expect("write the status an approved eviction leaves");
+    // The disruption controller keeps the entry and the spent budget.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = pdbs.get("web").await.unwrap().status.unwrap();
+    assert_eq!(status.disruptions_allowed, Some(0), "{status:?}");
+    assert!(
+        status
+            .disrupted_pods
+            .unwrap_or_default()
+            .contains_key(&victim)
+    );
+
+    let started = Instant::now();
+    let mut request = DrainRequest::new(options());
+    request.timeout = Some(Duration::from_secs(90));
+    let (handle, mut receiver) = spawn_drain(&scope, std::slice::from_ref(&target), request);
+    let mut seen = Vec::new();
+    until(&mut receiver, &mut seen, Duration::from_secs(30), |e| {
+        matches!(e, ProgressEvent::Pod { pod, change: PodChange::EvictionCompleted { pdb, .. }, .. }
+            if pod.name == victim && pdb == "web")
+    })
+    .await;
+    let completed_after = started.elapsed();
+    let report = handle.await.unwrap().expect("drain runs");
+    rest(receiver, &mut seen).await;
+    let text = lines(&seen).join("\n");
+    println!("{text}");
+    assert!(report.is_success(), "{text}");
+    // Well before the disruption controller's two minutes would have freed the budget.
+    assert!(
+        completed_after < Duration::from_secs(30),
+        "completed after {completed_after:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "the drain took {:?}",
+        started.elapsed()
+    );
+    let events = events_about(&scope, &victim, names::reasons::EVICTION_COMPLETED).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    scope.cleanup().await;
+}

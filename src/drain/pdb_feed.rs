@@ -31,11 +31,31 @@ enum FeedEvent {
     Resync,
 }
 
+/// How far the shared watch has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listing {
+    Pending,
+    /// The store holds a complete list.
+    Listed,
+    /// The watch failed before its first complete list; it retries with backoff, and callers
+    /// that need the list now get this error, as a failed list request would give them.
+    Failed(ListFailure),
+}
+
+/// Why the PDBs could not be listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ListFailure {
+    pub message: String,
+    /// An RBAC refusal: retrying will not help.
+    pub forbidden: bool,
+}
+
 /// The shared watch. Dropping the last handle stops it.
 pub struct PdbFeed {
     store: Store<PodDisruptionBudget>,
     events: broadcast::Sender<FeedEvent>,
-    listed: watch::Receiver<bool>,
+    listing: watch::Receiver<Listing>,
     _stop: DropGuard,
 }
 
@@ -44,7 +64,7 @@ impl PdbFeed {
     pub fn start(client: Client) -> PdbFeed {
         let (store, writer) = reflector::store();
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let (listed_tx, listed) = watch::channel(false);
+        let (listing_tx, listing) = watch::channel(Listing::Pending);
         let stop = CancellationToken::new();
         let sender = events.clone();
         let cancel = stop.clone();
@@ -71,13 +91,23 @@ impl PdbFeed {
                         let _ = sender.send(FeedEvent::Delete(Arc::new(pdb)));
                     }
                     Some(Ok(watcher::Event::InitDone)) => {
-                        listed_tx.send_replace(true);
+                        listing_tx.send_replace(Listing::Listed);
                         let _ = sender.send(FeedEvent::Resync);
                     }
                     Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
                     // The backoff already waited; the watcher relists by itself.
                     Some(Err(error)) => {
-                        warn!(%error, "PodDisruptionBudget watch failed; retrying")
+                        warn!(%error, "PodDisruptionBudget watch failed; retrying");
+                        listing_tx.send_if_modified(|state| {
+                            if *state == Listing::Listed {
+                                return false;
+                            }
+                            *state = Listing::Failed(ListFailure {
+                                message: describe_watch_error(&error),
+                                forbidden: watch_error_is_forbidden(&error),
+                            });
+                            true
+                        });
                     }
                     None => return,
                 }
@@ -86,8 +116,28 @@ impl PdbFeed {
         PdbFeed {
             store,
             events,
-            listed,
+            listing,
             _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Every PDB of the cluster, once the shared watch has listed them; its error when it could
+    /// not list yet.
+    pub async fn list(&self) -> Result<Vec<Arc<PodDisruptionBudget>>, ListFailure> {
+        let mut listing = self.listing.clone();
+        let state = listing
+            .wait_for(|l| *l != Listing::Pending)
+            .await
+            .map(|l| l.clone())
+            .unwrap_or_else(|_| {
+                Listing::Failed(ListFailure {
+                    message: "the PodDisruptionBudget watch stopped".to_string(),
+                    forbidden: false,
+                })
+            });
+        match state {
+            Listing::Failed(failure) => Err(failure),
+            _ => Ok(self.store.state()),
         }
     }
 
@@ -103,7 +153,7 @@ impl PdbFeed {
         let state = Subscriber {
             events: self.events.subscribe(),
             store: self.store.clone(),
-            listed: self.listed.clone(),
+            listing: self.listing.clone(),
             pending: VecDeque::new(),
             started: false,
         };
@@ -117,7 +167,7 @@ impl PdbFeed {
 struct Subscriber {
     events: broadcast::Receiver<FeedEvent>,
     store: Store<PodDisruptionBudget>,
-    listed: watch::Receiver<bool>,
+    listing: watch::Receiver<Listing>,
     pending: VecDeque<watcher::Event<PodDisruptionBudget>>,
     started: bool,
 }
@@ -129,7 +179,10 @@ impl Subscriber {
                 return Some(event);
             }
             if !self.started {
-                self.listed.wait_for(|l| *l).await.ok()?;
+                self.listing
+                    .wait_for(|l| *l == Listing::Listed)
+                    .await
+                    .ok()?;
                 self.started = true;
                 self.relist();
                 continue;
@@ -152,5 +205,30 @@ impl Subscriber {
                 .push_back(watcher::Event::InitApply((*pdb).clone()));
         }
         self.pending.push_back(watcher::Event::InitDone);
+    }
+}
+
+/// A watch error as a person reads it, with the apiserver's status when there is one.
+pub fn describe_watch_error(error: &watcher::Error) -> String {
+    match watch_error_status(error) {
+        Some(status) => {
+            crate::node::describe_api_error(&kube::Error::Api(Box::new(status.clone())))
+        }
+        None => error.to_string(),
+    }
+}
+
+/// Whether the watch was refused for lack of rights (401/403): retrying will not help.
+pub fn watch_error_is_forbidden(error: &watcher::Error) -> bool {
+    watch_error_status(error).is_some_and(|s| s.code == 401 || s.code == 403)
+}
+
+fn watch_error_status(error: &watcher::Error) -> Option<&kube::core::Status> {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status))
+        | watcher::Error::WatchError(status) => Some(status),
+        _ => None,
     }
 }

@@ -34,11 +34,11 @@ pub enum PolicyError {
         /// What is wrong, and where.
         problem: String,
     },
-    /// The policy file is not valid YAML or does not have the expected shape. serde_yaml's
-    /// message starts with the path (for example `rules[1]: unknown field ...`), which names
-    /// the rule index and the field.
+    /// The policy file is not valid YAML or does not have the expected shape. The message
+    /// names the line and column, and the field or value. Boxed: the parser's error is large,
+    /// and every `Result` carrying this one would be too.
     #[error("cluster policy: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(Box<serde_saphyr::Error>),
     /// A rule whose shape is right but whose value is not.
     #[error("cluster policy rules[{index}].{field}: {problem}")]
     InvalidRule {
@@ -574,7 +574,13 @@ impl ClusterPolicy {
     /// Parses the policy file. An empty document means no rules, so an empty ConfigMap key is
     /// not an error.
     pub fn from_yaml(yaml: &str) -> Result<Self, PolicyError> {
-        let raw: Option<RawPolicy> = serde_yaml::from_str(yaml)?;
+        // One line, without the source snippet: the message goes into a log line and an exit
+        // status, and the line and column already point at the place.
+        let raw: Option<RawPolicy> = serde_saphyr::from_str_with_options(
+            yaml,
+            serde_saphyr::options! { with_snippet: false },
+        )
+        .map_err(|e| PolicyError::Yaml(Box::new(e)))?;
         let mut rules = Vec::new();
         for (index, rule) in raw
             .and_then(|r| r.rules)
@@ -1190,19 +1196,19 @@ rules:
     }
 
     #[test]
-    fn policy_errors_name_rule_index_and_field() {
+    fn policy_errors_name_the_place_and_the_field() {
         let cases = [
             (
                 "rules:\n  - strategy: wait\n  - stratgy: wait\n",
-                "rules[1]",
-                "stratgy",
+                "at line 3, column 5",
+                "unknown field `stratgy`",
             ),
+            ("rules:\n  - strategy: drain\n", "line 2", "drain"),
             (
-                "rules:\n  - strategy: drain\n",
-                "rules[0].strategy",
-                "drain",
+                "rules:\n  - order: ten\n",
+                "at line 2, column 12",
+                "invalid i32",
             ),
-            ("rules:\n  - order: ten\n", "rules[0].order", "ten"),
             (
                 "rules:\n  - {}\n  - selector: 'a in ()'\n",
                 "rules[1].selector",
@@ -1218,7 +1224,7 @@ rules:
                 "rules[0].namespaces",
                 "empty",
             ),
-            ("rulez: []\n", "rulez", "unknown field"),
+            ("rulez: []\n", "line 1", "unknown field `rulez`"),
         ];
         for (yaml, path, detail) in cases {
             let message = ClusterPolicy::from_yaml(yaml).unwrap_err().to_string();

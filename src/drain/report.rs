@@ -142,6 +142,11 @@ pub enum PodChange {
     },
     /// Terminating because someone else deleted it (a rollout, another tool).
     TerminatingElsewhere,
+    /// Its PDB already counted it as evicted, but the approved eviction never deleted it (its
+    /// request was cut off with its sender): deleted with the same grace, so the budget it holds
+    /// is not stuck until the disruption controller expires the entry.
+    #[serde(rename_all = "camelCase")]
+    EvictionCompleted { pdb: String, grace_seconds: i64 },
     /// The pod no longer exists (or has completed); `after` counts from when nodedrain first
     /// acted on it.
     Gone {
@@ -202,6 +207,10 @@ impl fmt::Display for PodChange {
             PodChange::TerminatingElsewhere => {
                 f.write_str("terminating (deleted by another actor)")
             }
+            PodChange::EvictionCompleted { pdb, grace_seconds } => write!(
+                f,
+                "completing an approved eviction (PDB {pdb} counts it evicted; grace {grace_seconds}s)"
+            ),
             PodChange::Gone {
                 after,
                 completed: true,

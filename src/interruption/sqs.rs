@@ -10,12 +10,17 @@
 //!   produced (everything queued, plus [`IntakeConfig::batch_window`]) into one batch and calls
 //!   the handler with it; the next batch waits until the handler returns. So a burst reaches the
 //!   handler as a few large batches, and it can cordon every node of a batch before evicting.
-//! - Each [`Delivery`] carries an [`Ack`]. Until it is settled, one keeper task extends the
-//!   message's visibility at half the timeout. `Ack::delete` is the only way a handled message
-//!   leaves the queue, so the handler decides when (after the drain record is on the Node).
-//! - No error is fatal: every SQS call is retried with capped, jittered exponential backoff, so
-//!   an SQS outage or throttling shows up as log lines and `nodedrain_sqs_errors_total`, never
-//!   as a crash loop.
+//! - Receives ask for a short visibility timeout ([`IntakeConfig::receive_visibility`]): SQS marks
+//!   messages in flight when it answers, whether or not the answer arrives, so a response lost
+//!   with a dropped connection hides its messages for that long. Each [`Delivery`] carries an
+//!   [`Ack`]; until it is settled, one keeper task extends the message's visibility (to
+//!   [`IntakeConfig::visibility_timeout`]) at half the time it has left. `Ack::delete` is the only
+//!   way a handled message leaves the queue, so the handler decides when (after the drain record
+//!   is on the Node).
+//! - No error is fatal: receives, deletes and queue checks are retried with capped, jittered
+//!   exponential backoff; a failed visibility extension is retried after a fixed second instead,
+//!   because it must land before the message's current timeout runs out. So an SQS outage or
+//!   throttling shows up as log lines and `nodedrain_sqs_errors_total`, never as a crash loop.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +59,11 @@ const MAX_DISPATCH: usize = 500;
 const BATCHES_IN_FLIGHT: usize = 4;
 /// How long shutdown may spend flushing deletes and releasing in-flight messages.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// ReceiveMessage's visibility timeout. A response lost on a dropped connection costs its
+/// messages this much delay (instead of the full visibility timeout), and the first extension at
+/// half of it leaves five one-second retries before the message would reappear. Most messages
+/// are deleted before that first extension is due.
+pub const DEFAULT_RECEIVE_VISIBILITY: Duration = Duration::from_secs(10);
 
 /// What to do with a body that does not parse, or parses to an unknown event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +93,11 @@ pub struct IntakeConfig {
     pub wait_time: Duration,
     /// ReceiveMessage `MaxNumberOfMessages` (1..=10).
     pub max_messages: i32,
-    /// Visibility timeout requested at receive and at each extension (whole seconds).
+    /// Visibility timeout requested by ReceiveMessage itself (whole seconds). Short, because
+    /// messages in a response that never arrives stay invisible this long. Capped at
+    /// `visibility_timeout`.
+    pub receive_visibility: Duration,
+    /// Visibility timeout set by each extension of a message being handled (whole seconds).
     pub visibility_timeout: Duration,
     pub malformed: MalformedPolicy,
     /// How long a handled (event id, instance id) pair is remembered; zero remembers nothing.
@@ -92,8 +106,10 @@ pub struct IntakeConfig {
     /// handler. Receivers woken by the same burst return within milliseconds of each other;
     /// this lets their messages share one batch at the cost of this much latency.
     pub batch_window: Duration,
-    /// First and largest delay between retries of a failing SQS call.
+    /// First delay between retries of a failing SQS call (before jitter).
     pub backoff_min: Duration,
+    /// Where the exponential growth stops. backon's jitter adds up to as much again to each
+    /// delay, so a retry waits up to twice this.
     pub backoff_max: Duration,
 }
 
@@ -105,6 +121,7 @@ impl IntakeConfig {
             receivers: 4,
             wait_time: MAX_WAIT_TIME,
             max_messages: MAX_BATCH as i32,
+            receive_visibility: DEFAULT_RECEIVE_VISIBILITY,
             visibility_timeout: Duration::from_secs(60),
             malformed: MalformedPolicy::Delete,
             dedupe_ttl: Duration::from_secs(15 * 60),
@@ -112,6 +129,11 @@ impl IntakeConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
         }
+    }
+
+    /// The receive's timeout, never longer than what extensions set.
+    fn first_visibility(&self) -> Duration {
+        self.receive_visibility.min(self.visibility_timeout)
     }
 
     fn backoff(&self) -> ExponentialBackoff {
@@ -392,6 +414,11 @@ enum Command {
     Delete {
         id: u64,
     },
+    /// Set an untracked message's visibility to the full timeout (see [`Receiver::hide`]).
+    Hide {
+        receipt: String,
+        message_id: String,
+    },
     Retry {
         id: u64,
         delay: Duration,
@@ -668,7 +695,7 @@ impl Receiver {
                 .queue_url(&self.config.queue_url)
                 .max_number_of_messages(self.config.max_messages)
                 .wait_time_seconds(secs(self.config.wait_time))
-                .visibility_timeout(secs(self.config.visibility_timeout))
+                .visibility_timeout(secs(self.config.first_visibility()))
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
                 .send();
@@ -728,9 +755,26 @@ impl Receiver {
             .and_then(|t| t.parse::<i64>().ok())
             .and_then(|ms| Timestamp::from_millisecond(ms).ok());
 
-        let parsed = parse_message(message.body().unwrap_or_default());
+        let received_at = Timestamp::now();
+        let parsed = parse_message(message.body().unwrap_or_default(), received_at);
         let interruptions = match parsed {
-            Ok(Parsed::Interruptions(list)) => list,
+            Ok(Parsed::Interruptions(list)) => {
+                // Fallbacks are the message's, shared by all its interruptions: one line each,
+                // not one per instance of a Health event naming thousands.
+                if let Some(first) = list.first() {
+                    for f in &first.fallbacks {
+                        warn!(
+                            message_id,
+                            event_id = %first.event_id,
+                            instances = list.len(),
+                            field = f.field,
+                            found = %f.found,
+                            "{f}; draining anyway"
+                        );
+                    }
+                }
+                list
+            }
             Ok(Parsed::Ignore { reason }) => {
                 info!(message_id, %reason, "message needs no drain; deleting it");
                 self.metrics.ignored(&reason);
@@ -752,7 +796,8 @@ impl Receiver {
                         self.delete_untracked(receipt, message_id, MessageOutcome::MalformedDeleted)
                     }
                     MalformedPolicy::DeadLetter => {
-                        self.metrics.message(MessageOutcome::MalformedDeadLetter)
+                        self.metrics.message(MessageOutcome::MalformedDeadLetter);
+                        self.hide(receipt, message_id);
                     }
                 }
                 return true;
@@ -775,6 +820,7 @@ impl Receiver {
                     message_id,
                     "a copy is being handled; leaving this one for later"
                 );
+                self.hide(receipt, message_id);
                 return true;
             }
         };
@@ -795,7 +841,7 @@ impl Receiver {
             interruptions,
             receive_count,
             sent_at,
-            received_at: Timestamp::now(),
+            received_at,
             ack: Ack {
                 id,
                 commands: self.commands.clone(),
@@ -804,6 +850,16 @@ impl Receiver {
         };
         // A failed send drops the delivery, and with it its ack: the message is released.
         self.deliveries.send(delivery).await.is_ok()
+    }
+
+    /// Keeps a message nodedrain leaves alone invisible for the full visibility timeout: with
+    /// only the receive's short one, it would come back every few seconds, each time counting
+    /// towards the queue's `maxReceiveCount`.
+    fn hide(&self, receipt: String, message_id: String) {
+        let _ = self.commands.send(Command::Hide {
+            receipt,
+            message_id,
+        });
     }
 
     fn delete_untracked(&self, receipt: String, message_id: String, outcome: MessageOutcome) {
@@ -905,8 +961,9 @@ impl Keeper {
                         keys,
                     },
                 );
+                // The receive's own short timeout runs from about now.
                 self.schedule
-                    .insert(id, now + self.config.visibility_timeout / 2);
+                    .insert(id, now + self.config.first_visibility() / 2);
             }
             Command::DeleteUntracked {
                 receipt,
@@ -916,6 +973,14 @@ impl Keeper {
                 receipt,
                 message_id,
                 outcome,
+            }),
+            Command::Hide {
+                receipt,
+                message_id,
+            } => self.visibility.push(PendingVisibility {
+                receipt,
+                message_id,
+                timeout: self.config.visibility_timeout,
             }),
             Command::Delete { id } => {
                 if let Some(t) = self.untrack(id) {
@@ -1198,6 +1263,7 @@ mod tests {
             deadline: None,
             lifecycle: None,
             detail: String::new(),
+            fallbacks: Vec::new(),
         }
     }
 

@@ -181,3 +181,106 @@ impl Drop for Moto {
         self.stop();
     }
 }
+
+/// What [`CutProxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    /// Connections are closed, new ones closed on arrival: the client sees errors at once.
+    Cut,
+    /// Connections stay open and silent, new ones are accepted and never answered: the client's
+    /// requests hang, as in a network partition.
+    Stall,
+}
+
+/// A TCP proxy in front of an endpoint (SQS on moto, or the apiserver: TLS passes through) that a
+/// test can cut off. The upstream only sees its side of each connection close, so a long poll it
+/// is holding still takes messages and answers into the void.
+pub struct CutProxy {
+    pub port: u16,
+    mode: tokio::sync::watch::Sender<Mode>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listens on a free loopback port and forwards each connection to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (mode, modes) = tokio::sync::watch::channel(Mode::Pass);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let modes = modes.clone();
+                let upstream = upstream.clone();
+                let current = *modes.borrow();
+                match current {
+                    Mode::Cut => drop(client),
+                    Mode::Stall => {
+                        tokio::spawn(hold_until_restored(client, modes));
+                    }
+                    Mode::Pass => {
+                        tokio::spawn(forward(client, upstream, modes));
+                    }
+                }
+            }
+        });
+        CutProxy { port, mode, accept }
+    }
+
+    /// The endpoint URL through the proxy, for a plain-HTTP upstream.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Leaves every connection open and unanswered, new ones too.
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stall);
+    }
+
+    pub fn restore(&self) {
+        self.mode.send_replace(Mode::Pass);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.mode.send_replace(Mode::Cut);
+    }
+}
+
+async fn forward(
+    mut client: tokio::net::TcpStream,
+    upstream: String,
+    mut modes: tokio::sync::watch::Receiver<Mode>,
+) {
+    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let stalled = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+        changed = modes.wait_for(|m| *m != Mode::Pass) => {
+            changed.map(|m| *m == Mode::Stall).unwrap_or(false)
+        }
+    };
+    drop(server);
+    if stalled {
+        hold_until_restored(client, modes).await;
+    }
+}
+
+/// Keeps `client` open, reading nothing and answering nothing, until the proxy passes again.
+async fn hold_until_restored(
+    client: tokio::net::TcpStream,
+    mut modes: tokio::sync::watch::Receiver<Mode>,
+) {
+    let _ = modes.wait_for(|m| *m != Mode::Stall).await;
+    drop(client);
+}

@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::cgroup::Cgroup;
 use super::controller::{admin_get, instance_id, spot_body};
 use super::drain::{name_of, node_of, pdb};
 use super::{Scope, TEST_KEY, is_pod_ready};
@@ -343,11 +344,30 @@ pub struct Launched {
 }
 
 impl Launched {
-    pub fn start(queue_url: &str, node_selector: Option<&str>) -> Launched {
+    /// `cgroup`: run it under the chart's limits there.
+    pub fn start(queue_url: &str, node_selector: Option<&str>, cgroup: Option<&Cgroup>) -> Launched {
         let admin = super::aws::free_port();
         let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nodedrain"));
+        let program = env!("CARGO_BIN_EXE_nodedrain");
+        // BENCH_CONTROLLER_WRAPPER runs it under a profiler (e.g. "heaptrack -o /tmp/burst").
+        let wrapper: Vec<String> = std::env::var("BENCH_CONTROLLER_WRAPPER")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut command = match (cgroup, wrapper.split_first()) {
+            (Some(cgroup), None) => cgroup.command(program),
+            (Some(cgroup), Some((tool, args))) => {
+                let mut command = cgroup.command(tool);
+                command.args(args).arg(program);
+                command
+            }
+            (None, Some((tool, args))) => {
+                let mut command = Command::new(tool);
+                command.args(args).arg(program);
+                command
+            }
+            (None, None) => Command::new(program),
+        };
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy().to_string();
             if key.starts_with("NODEDRAIN_") {

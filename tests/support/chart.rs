@@ -121,12 +121,10 @@ pub fn render(
 
 /// Every non-empty document of a multi-document YAML stream, as JSON.
 pub fn parse_manifests(yaml: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|doc| {
-            let value = Value::deserialize(doc).expect("helm renders valid YAML");
-            (!value.is_null()).then_some(value)
-        })
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .expect("helm renders valid YAML")
+        .into_iter()
+        .filter(|value| !value.is_null())
         .collect()
 }
 

@@ -275,8 +275,10 @@ impl Controller {
                     lease,
                     "--identity",
                     launch.name,
+                    // Just above renew deadline + retry period, the shortest the controller
+                    // accepts: a standby takes over soon after a kill.
                     "--lease-duration",
-                    "4s",
+                    "5s",
                     "--lease-renew-deadline",
                     "3s",
                     "--lease-retry-period",
@@ -350,6 +352,33 @@ impl Controller {
                 self.name,
                 self.log_tail(60)
             );
+        }
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod: waits up to `timeout` for the process to exit and
+    /// returns how it exited.
+    pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the controller is running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the controller") {
+                return status;
+            }
+            if tokio::time::Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "controller {} still running {timeout:?} after SIGTERM; log:\n{}",
+                    self.name,
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

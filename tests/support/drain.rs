@@ -414,10 +414,10 @@ pub async fn service_account_kubeconfig(
         .expect("token")
         .token;
     let text = std::fs::read_to_string(sandbox_kubeconfig).expect("read kubeconfig");
-    let mut config: Value = serde_yaml::from_str(&text).expect("kubeconfig yaml");
+    let mut config: Value = serde_saphyr::from_str(&text).expect("kubeconfig yaml");
     config["users"][0]["user"] = json!({"token": token});
     let path = std::env::temp_dir().join(format!("{}-{name}.kubeconfig", scope.id));
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).expect("write kubeconfig");
+    std::fs::write(&path, serde_saphyr::to_string(&config).unwrap()).expect("write kubeconfig");
     path
 }
 

@@ -9,6 +9,8 @@ pub mod json_schema;
 
 pub mod bench;
 
+pub mod cgroup;
+
 pub mod aws;
 
 pub mod chart;

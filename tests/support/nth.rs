@@ -131,7 +131,7 @@ impl Identity {
         let manifests = String::from_utf8(out.stdout).expect("utf-8");
         let account = manifests
             .split("\n---")
-            .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+            .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
             .find(|doc| doc["kind"] == "ServiceAccount")
             .and_then(|doc| doc["metadata"]["name"].as_str().map(str::to_string))
             .expect("the chart renders a ServiceAccount");
