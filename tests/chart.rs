@@ -971,3 +971,34 @@ fn the_charts_limits_read_as_the_kubelet_reads_them() {
     let shipped = ChartLimits::from_values().unwrap();
     assert!(shipped.memory_bytes > 0 && shipped.cpu_cores > 0.0);
 }
+
+/// A program started through the cgroup's command runs inside it, with its own arguments: the
+/// benchmarks' controller is started this way, and a wrong shift once exec'd its first argument.
+#[test]
+fn a_program_in_the_charts_cgroup_gets_its_arguments_and_the_cgroup() {
+    use support::cgroup::{Cgroup, ChartLimits};
+    let name = format!("nodedrain-chart-test-{}", std::process::id());
+    let cgroup = Cgroup::create(&name, ChartLimits::from_values().unwrap()).unwrap();
+    let out = cgroup
+        .command("/bin/sh")
+        .args([
+            "-c",
+            "echo \"$0 $1\"; cat /proc/self/cgroup",
+            "first",
+            "second",
+        ])
+        .output()
+        .expect("run sh in the cgroup");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().next(), Some("first second"), "{text}");
+    let memory = text
+        .lines()
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+        })
+        .unwrap_or_default();
+    assert!(memory.ends_with(&format!("/{name}")), "{text}");
+}

@@ -345,7 +345,11 @@ pub struct Launched {
 
 impl Launched {
     /// `cgroup`: run it under the chart's limits there.
-    pub fn start(queue_url: &str, node_selector: Option<&str>, cgroup: Option<&Cgroup>) -> Launched {
+    pub fn start(
+        queue_url: &str,
+        node_selector: Option<&str>,
+        cgroup: Option<&Cgroup>,
+    ) -> Launched {
         let admin = super::aws::free_port();
         let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
         let file = std::fs::File::create(&log).expect("create log file");

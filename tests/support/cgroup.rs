@@ -138,9 +138,12 @@ impl Cgroup {
     /// so nothing of the program runs outside the limits.
     pub fn command(&self, program: impl AsRef<Path>) -> Command {
         let mut command = Command::new("sh");
+        // `sh -c SCRIPT a b c...` puts `a` in $0 and the rest in $1...: one shift drops the cpu
+        // cgroup and leaves the program first in "$@" (`shift 2` also dropped the program, and
+        // the shell tried to exec its first argument).
         command
             .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && echo $$ > "$1/cgroup.procs" && shift 2 && exec "$@""#)
+            .arg(r#"echo $$ > "$0/cgroup.procs" && echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
             .arg(&self.memory)
             .arg(&self.cpu)
             .arg(program.as_ref());
