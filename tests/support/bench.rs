@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::Condition as _;
@@ -738,6 +739,31 @@ pub async fn remove_scope(scope: Scope) {
     // At 50,000 pods one collection delete runs out of time part-way. Pods left behind when
     // their nodes go are deleted by the namespace controller one grace period at a time, which
     // kept the sandbox busy for half an hour after an idle run.
+    // The workloads go first: while their controllers live, each collection delete of the pods
+    // is answered by a new set of replicas, and the loop below deleted a ReplicaSet-backed scope
+    // thirty times over (ten minutes at 600 pods).
+    let all = ListParams::default();
+    let background = DeleteParams::background();
+    let _ = scope
+        .api::<ReplicaSet>()
+        .delete_collection(&background, &all)
+        .await;
+    let _ = scope
+        .api::<Deployment>()
+        .delete_collection(&background, &all)
+        .await;
+    let _ = scope
+        .api::<StatefulSet>()
+        .delete_collection(&background, &all)
+        .await;
+    let _ = scope
+        .api::<DaemonSet>()
+        .delete_collection(&background, &all)
+        .await;
+    let _ = scope
+        .api::<Job>()
+        .delete_collection(&background, &all)
+        .await;
     let pods = scope.pods();
     let everything = ListParams::default().limit(1);
     for _ in 0..30 {
