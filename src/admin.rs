@@ -189,7 +189,10 @@ mod tests {
     #[tokio::test]
     async fn serves_health_readiness_and_metrics_over_http() {
         let mut registry = Registry::default();
-        let metrics = crate::metrics::Metrics::register(&mut registry);
+        let metrics = crate::metrics::Metrics::register(
+            &mut registry,
+            crate::interruption::events::InterruptionKind::ALL,
+        );
         metrics.set_leader(true);
         let readiness = Readiness::new(&["node-watch", "sqs-intake"]);
         let server = AdminServer::bind(

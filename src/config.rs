@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, ValueEnum};
 
-use crate::cli::{ClientArgs, parse_duration};
 use crate::drain::policy::parse_label_selector;
 use crate::interruption::sqs::{IntakeConfig, MalformedPolicy};
-use crate::leader::LeaseConfig;
+use crate::kube_client::ClientArgs;
 use crate::resolve::ManagedTag;
 
 /// SQS refuses visibility timeouts above 12 hours.
@@ -532,7 +531,7 @@ impl ControllerArgs {
             });
         }
         // Standbys read the duration from the Lease, which holds whole seconds.
-        if Duration::from_secs(crate::leader::lease_seconds(d)) <= r + p {
+        if Duration::from_secs(lease_seconds(d)) <= r + p {
             return Err(ConfigError::LeaseShorterThanStepDown {
                 duration: show(d),
                 renew: show(r),
@@ -692,10 +691,76 @@ fn is_object_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.'))
 }
 
+/// The Lease the replicas elect a leader on, and its timings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub name: String,
+    pub namespace: String,
+    /// Written to `holderIdentity`; unique per replica (pod name).
+    pub identity: String,
+    /// Invariant: lease_duration (in whole seconds, as the Lease stores it) > renew_deadline +
+    /// retry_period, and renew_deadline > retry_period > 0 (checked by config).
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl LeaseConfig {
+    /// client-go's defaults: 15 s / 10 s / 2 s. A standby takes over at most ~17 s after the
+    /// leader dies; the leader renews at 0.5 writes per second; a leader cut off from the
+    /// apiserver stops acting within 12 s, 3 s before anyone may take over.
+    pub fn new(
+        name: impl Into<String>,
+        namespace: impl Into<String>,
+        identity: impl Into<String>,
+    ) -> LeaseConfig {
+        LeaseConfig {
+            name: name.into(),
+            namespace: namespace.into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `leaseDurationSeconds` as written for `d`: whole seconds, at least one. Standbys judge expiry
+/// by this value, not by `d`.
+pub fn lease_seconds(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+/// Parses a duration as the flags take it: `90s`, `5m`, `1h30m`, `250ms` (humantime's syntax, so
+/// `2days` works too), or a bare number of seconds as the Kubernetes API writes them.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration {text:?}: {e} (e.g. 90s, 5m, 1h30m)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn durations_parse_like_kubectl() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(
+            parse_duration("5x")
+                .unwrap_err()
+                .contains("invalid duration")
+        );
+        assert!(parse_duration("m5").is_err());
+        assert!(parse_duration("").is_err());
+    }
 
     #[derive(Debug, Parser)]
     struct Test {
@@ -884,7 +949,7 @@ mod tests {
                 vec!["--log-format", "yaml"],
                 "[possible values: auto, json, text]",
             ),
-            (vec!["--asg-drain-timeout", "5d"], "unknown unit \"d\""),
+            (vec!["--asg-drain-timeout", "5x"], "unknown time unit \"x\""),
             (vec!["--admin-addr", "localhost"], "invalid socket address"),
         ] {
             let mut full = vec!["test", "--queue-url", QUEUE];

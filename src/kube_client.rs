@@ -1,14 +1,24 @@
 //! Building a Kubernetes client the way kubectl finds its cluster, with a client-side rate limit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::Args;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use thiserror::Error;
 use tower::limit::RateLimitLayer;
 
-use crate::cli::ClientArgs;
+/// How to reach the cluster; the same precedence as kubectl.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG", hide_env_values = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+}
 
 #[derive(Debug, Error)]
 pub enum ClientError {

@@ -6,7 +6,6 @@
 
 pub mod admin;
 pub mod audit;
-pub mod burst;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -15,7 +14,6 @@ pub mod drain;
 pub mod handoff;
 pub mod interruption;
 pub mod kube_client;
-pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod node;

@@ -10,12 +10,12 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `nodedrain_messages_total` | counter | `outcome` ([`MessageOutcome`]) |
-//! | `nodedrain_messages_malformed_total` | counter | `error` ([`ParseError::as_label`]) |
-//! | `nodedrain_messages_ignored_total` | counter | `reason` ([`IgnoreReason::as_label`]) |
-//! | `nodedrain_interruptions_total` | counter | `kind` ([`InterruptionKind::as_str`]) |
+//! | `nodedrain_messages_malformed_total` | counter | `error` (the parse error's kind) |
+//! | `nodedrain_messages_ignored_total` | counter | `reason` (why the message needs no drain) |
+//! | `nodedrain_interruptions_total` | counter | `kind` (the interruption kind) |
 //! | `nodedrain_event_to_cordon_seconds` | histogram | `kind` |
 //! | `nodedrain_receive_to_cordon_seconds` | histogram | — |
-//! | `nodedrain_drain_duration_seconds` | histogram | `kind` (or `manual`), `result` ([`DrainResult`]) |
+//! | `nodedrain_drain_duration_seconds` | histogram | `kind` (interruption kind, or `manual`), `result` ([`DrainResult`]) |
 //! | `nodedrain_evictions_total` | counter | `outcome` ([`EvictionOutcome`]) |
 //! | `nodedrain_eviction_pdb_blocked_total` | counter | — |
 //! | `nodedrain_deadline_overrides_total` | counter | — |
@@ -24,16 +24,12 @@
 //! | `nodedrain_sqs_errors_total` | counter | `operation` ([`SqsOperation`]) |
 //! | `nodedrain_resolutions_total` | counter | `result` ([`ResolveOutcome`]) |
 //!
-//! [`ParseError::as_label`]: crate::interruption::events::ParseError::as_label
-//! [`IgnoreReason::as_label`]: crate::interruption::events::IgnoreReason::as_label
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::interruption::events::{IgnoreReason, InterruptionKind, ParseError};
 
 /// One label, name and value both static: the only label shape this module creates.
 type Label = [(&'static str, &'static str); 1];
@@ -53,8 +49,12 @@ const DRAIN_DURATION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
-/// Label value of drains started by a person (`nodedrain drain`), not by an AWS event.
-pub const KIND_MANUAL: &str = "manual";
+/// A label value from a fixed set. The enums whose variants name series (interruption kinds,
+/// parse errors, ignore reasons, drain kinds) implement it where they are defined: this module
+/// then depends on none of them, and a label can only come from an enum, never from free text.
+pub trait LabelValue {
+    fn label_value(&self) -> &'static str;
+}
 
 /// What became of one SQS message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -255,14 +255,15 @@ pub struct Metrics {
 impl Default for Metrics {
     /// Metrics registered nowhere: for tests and for CLI commands that share engine code.
     fn default() -> Self {
-        Metrics::register(&mut Registry::default())
+        Metrics::register::<&str>(&mut Registry::default(), &[])
     }
 }
 
 impl Metrics {
     /// Creates every metric and registers it in `registry` (give it a plain registry; the
     /// `nodedrain_` prefix is added here).
-    pub fn register(registry: &mut Registry) -> Metrics {
+    /// `kinds` are the interruption kinds, created with zeros so dashboards see every one.
+    pub fn register<K: LabelValue>(registry: &mut Registry, kinds: &[K]) -> Metrics {
         let r = registry.sub_registry_with_prefix("nodedrain");
         let metrics = Metrics {
             messages: Family::default(),
@@ -350,18 +351,22 @@ impl Metrics {
             "Instance id to Node lookups, by result",
             metrics.resolutions.clone(),
         );
-        metrics.precreate();
+        metrics.precreate(kinds);
         metrics
     }
 
     /// Creates every label value with a zero, so absent series never hide a silent component.
-    fn precreate(&self) {
+    fn precreate<K: LabelValue>(&self, kinds: &[K]) {
         for o in MessageOutcome::ALL {
             let _ = self.messages.get_or_create(&[("outcome", o.as_label())]);
         }
-        for &k in InterruptionKind::ALL {
-            let _ = self.interruptions.get_or_create(&[("kind", k.as_str())]);
-            let _ = self.event_to_cordon.get_or_create(&[("kind", k.as_str())]);
+        for k in kinds {
+            let _ = self
+                .interruptions
+                .get_or_create(&[("kind", k.label_value())]);
+            let _ = self
+                .event_to_cordon
+                .get_or_create(&[("kind", k.label_value())]);
         }
         for o in EvictionOutcome::ALL {
             let _ = self.evictions.get_or_create(&[("outcome", o.as_label())]);
@@ -385,32 +390,32 @@ impl Metrics {
     /// Counts a malformed message by its parse error (the outcome is counted by [`message`]).
     ///
     /// [`message`]: Metrics::message
-    pub fn malformed(&self, error: &ParseError) {
+    pub fn malformed(&self, error: &impl LabelValue) {
         self.malformed
-            .get_or_create(&[("error", error.as_label())])
+            .get_or_create(&[("error", error.label_value())])
             .inc();
     }
 
     /// Counts an ignored message by reason (the outcome is counted by [`message`]).
     ///
     /// [`message`]: Metrics::message
-    pub fn ignored(&self, reason: &IgnoreReason) {
+    pub fn ignored(&self, reason: &impl LabelValue) {
         self.ignored
-            .get_or_create(&[("reason", reason.as_label())])
+            .get_or_create(&[("reason", reason.label_value())])
             .inc();
     }
 
-    pub fn interruption(&self, kind: InterruptionKind) {
+    pub fn interruption(&self, kind: &impl LabelValue) {
         self.interruptions
-            .get_or_create(&[("kind", kind.as_str())])
+            .get_or_create(&[("kind", kind.label_value())])
             .inc();
     }
 
     /// Records one event-to-cordon latency. Negative values (AWS's clock ahead of ours) are
     /// recorded as zero rather than dropped, so the count matches the number of cordons.
-    pub fn event_to_cordon(&self, kind: InterruptionKind, seconds: f64) {
+    pub fn event_to_cordon(&self, kind: &impl LabelValue, seconds: f64) {
         self.event_to_cordon
-            .get_or_create(&[("kind", kind.as_str())])
+            .get_or_create(&[("kind", kind.label_value())])
             .observe(seconds.max(0.0));
     }
 
@@ -419,16 +424,10 @@ impl Metrics {
         self.receive_to_cordon.observe(seconds.max(0.0));
     }
 
-    /// Records a finished drain; `kind` is `None` for a drain started from the CLI.
-    pub fn drain_finished(
-        &self,
-        kind: Option<InterruptionKind>,
-        result: DrainResult,
-        seconds: f64,
-    ) {
-        let kind = kind.map_or(KIND_MANUAL, InterruptionKind::as_str);
+    /// Records a finished drain by its kind (an interruption kind, or `manual`).
+    pub fn drain_finished(&self, kind: &impl LabelValue, result: DrainResult, seconds: f64) {
         self.drain_duration
-            .get_or_create(&[("kind", kind), ("result", result.as_label())])
+            .get_or_create(&[("kind", kind.label_value()), ("result", result.as_label())])
             .observe(seconds.max(0.0));
     }
 
@@ -488,13 +487,22 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
+/// Plain strings, for callers that register no kinds (`Metrics::default`).
+impl LabelValue for &'static str {
+    fn label_value(&self) -> &'static str {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interruption::events::InterruptionKind;
+    use crate::node::DrainKind;
 
     fn rendered(f: impl FnOnce(&Metrics)) -> String {
         let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
+        let metrics = Metrics::register(&mut registry, InterruptionKind::ALL);
         f(&metrics);
         encode(&registry)
     }
@@ -528,10 +536,10 @@ mod tests {
                 &crate::interruption::events::parse_message("nope", jiff::Timestamp::UNIX_EPOCH)
                     .expect_err("malformed"),
             );
-            m.interruption(InterruptionKind::SpotInterruption);
-            m.event_to_cordon(InterruptionKind::SpotInterruption, 0.3);
-            m.event_to_cordon(InterruptionKind::SpotInterruption, -2.0);
-            m.drain_finished(None, DrainResult::Succeeded, 42.0);
+            m.interruption(&InterruptionKind::SpotInterruption);
+            m.event_to_cordon(&InterruptionKind::SpotInterruption, 0.3);
+            m.event_to_cordon(&InterruptionKind::SpotInterruption, -2.0);
+            m.drain_finished(&DrainKind::Manual, DrainResult::Succeeded, 42.0);
             m.set_leader(true);
             let guard = m.draining_guard();
             let second = m.draining_guard();

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::interruption::events::{Interruption, InterruptionKind, LifecycleAction};
+use crate::metrics::LabelValue;
 use crate::names;
 
 /// How often a write that lost an optimistic-concurrency race (409) is recomputed and retried.
@@ -56,6 +57,12 @@ impl DrainKind {
             DrainKind::Interruption(kind) => Some(kind),
             DrainKind::Manual => None,
         }
+    }
+}
+
+impl LabelValue for DrainKind {
+    fn label_value(&self) -> &'static str {
+        self.as_str()
     }
 }
 

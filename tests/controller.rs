@@ -527,6 +527,23 @@ async fn leader_killed_mid_drain_standby_finishes_it() {
         survivor.log_tail(40)
     );
     assert!(log.contains("resumed unfinished drains"));
+    // One leader started the drain and one resumed it: a leader change adds a DrainResumed, not
+    // a second DrainStarted (Events may lag the drain by a moment: the recorder writes them
+    // after the actions they describe).
+    eventually(Duration::from_secs(10), "the resumed drain's Event", || async {
+        node_event_count(&sandbox.client, &victim, "DrainResumed").await >= 1
+    })
+    .await;
+    assert_eq!(
+        node_event_count(&sandbox.client, &victim, "DrainStarted").await,
+        1,
+        "one DrainStarted Event across the leader change"
+    );
+    assert_eq!(
+        node_event_count(&sandbox.client, &victim, "DrainResumed").await,
+        1,
+        "one DrainResumed Event from the one standby that resumed"
+    );
     // The budget held across the handover: never fewer than 3 of 4 Ready.
     let min = timeline.lock().unwrap().min_after_reaching(4);
     assert_eq!(

@@ -11,9 +11,10 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, PostParams};
 use nodedrain::admin::Readiness;
+use nodedrain::config::LeaseConfig;
+use nodedrain::controller::leader::LeaderElector;
 use nodedrain::interruption::events::{Interruption, InterruptionKind};
 use nodedrain::interruption::sqs::{self, Delivery, Intake, IntakeConfig, MalformedPolicy};
-use nodedrain::leader::{LeaderElector, LeaseConfig};
 use nodedrain::metrics::Metrics;
 use nodedrain::resolve::{ManagedTag, NodeWatch, Resolution, Resolver};
 use prometheus_client::registry::Registry;
@@ -86,7 +87,7 @@ fn start<H: sqs::Handler>(
     readiness: Option<Readiness>,
 ) -> Running {
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry, InterruptionKind::ALL);
     let mut intake = Intake::new(sqs, config, handler, metrics);
     if let Some(r) = readiness {
         intake = intake.with_readiness(r);

@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 use tokio::sync::mpsc;
 
-use crate::cli::{DrainArgs, OutputFormat, parse_duration};
+use crate::cli::{DrainArgs, OutputFormat};
+use crate::config::parse_duration;
 use crate::drain::execute::{DrainConfig, DrainRequest, Drainer};
 use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, parse_label_selector};

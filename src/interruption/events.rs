@@ -28,6 +28,8 @@ use jiff::fmt::rfc2822;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::{Map, Value};
 
+use crate::metrics::LabelValue;
+
 /// EventBridge `detail-type` values this module understands. Public so that whoever writes the
 /// EventBridge rules (Helm chart, docs, sandbox) matches exactly what the parser accepts.
 pub mod detail_type {
@@ -265,6 +267,18 @@ pub enum IgnoreReason {
     SnsControl { message_type: String },
 }
 
+impl LabelValue for InterruptionKind {
+    fn label_value(&self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl LabelValue for IgnoreReason {
+    fn label_value(&self) -> &'static str {
+        self.as_label()
+    }
+}
+
 impl IgnoreReason {
     /// Bounded metric label value, one per variant.
     pub const fn as_label(&self) -> &'static str {
@@ -340,6 +354,12 @@ pub enum ParseError {
         "message is neither an EventBridge event, an Auto Scaling notification nor an SNS notification"
     )]
     UnrecognizedMessage,
+}
+
+impl LabelValue for ParseError {
+    fn label_value(&self) -> &'static str {
+        self.as_label()
+    }
 }
 
 impl ParseError {

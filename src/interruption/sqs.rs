@@ -825,7 +825,7 @@ impl Receiver {
             }
         };
         for i in &interruptions {
-            self.metrics.interruption(i.kind);
+            self.metrics.interruption(&i.kind);
         }
         let id = self
             .next_id

@@ -6,6 +6,9 @@
 //! Every replica watches nodes; only the lease holder reads the queue and drains. A new leader
 //! resumes every unfinished drain from the records on the nodes.
 
+pub mod burst;
+pub mod leader;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use self::burst::{BurstHold, Release};
+use self::leader::LeaderElector;
 use crate::admin::{AdminError, AdminServer, Readiness};
-use crate::burst::{BurstHold, Release};
 use crate::config::{ControllerConfig, NodeNotFound, RebalanceMode};
 use crate::drain::execute::{DrainConfig, DrainRequest, Drainer, Prepared};
 use crate::drain::machine::Origin;
@@ -34,7 +38,6 @@ use crate::handoff::Handoff;
 use crate::interruption::events::{Interruption, InterruptionKind};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
-use crate::leader::LeaderElector;
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
 use crate::names;
 use crate::node::{self, DrainKind, DrainRecord, Phase};
@@ -90,7 +93,7 @@ struct Shared {
     /// Drain tasks running in this process, by node: a redelivered message or a resume does not
     /// start a second one, and a more urgent interruption restarts the running one.
     draining: Mutex<HashMap<String, RunningDrain>>,
-    /// Drains prepared by the queue's batches, held until a burst is cordoned (see [`crate::burst`]).
+    /// Drains prepared by the queue's batches, held until a burst is cordoned (see [`burst`]).
     held: Mutex<BurstHold<(String, DrainRecord)>>,
     held_changed: Notify,
     tasks: TaskTracker,
@@ -112,7 +115,7 @@ pub async fn run(
     let client = kube_client::client_with_rate_limit(kube_config, config.qps)?;
 
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry, InterruptionKind::ALL);
     let readiness = Readiness::new(&[resolve::READINESS_COMPONENT, sqs::READINESS_COMPONENT]);
     let admin = AdminServer::bind(config.admin_addr, Arc::new(registry), readiness.clone()).await?;
     info!(addr = %config.admin_addr, "admin server listening");
@@ -367,7 +370,7 @@ async fn handle_batch(shared: &Arc<Shared>, batch: Vec<Delivery>) {
                 Ok(_) => {
                     let now = Timestamp::now();
                     let latency = now.duration_since(target.event_time).as_secs_f64();
-                    shared.metrics.event_to_cordon(target.kind, latency);
+                    shared.metrics.event_to_cordon(&target.kind, latency);
                     let own = now.duration_since(target.received_at).as_secs_f64();
                     shared.metrics.receive_to_cordon(own);
                     true
@@ -700,7 +703,7 @@ async fn drain_and_hand_over(
     };
     shared
         .metrics
-        .drain_finished(kind, outcome, started.elapsed().as_secs_f64());
+        .drain_finished(&record.kind, outcome, started.elapsed().as_secs_f64());
     if outcome == DrainResult::Cancelled {
         // Lost the lease or shutting down: the next leader resumes from the record.
         return;

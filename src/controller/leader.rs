@@ -34,40 +34,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::{LeaseConfig, lease_seconds};
 use crate::metrics::Metrics;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseConfig {
-    pub name: String,
-    pub namespace: String,
-    /// Written to `holderIdentity`; unique per replica (pod name).
-    pub identity: String,
-    /// Invariant: lease_duration (in whole seconds, as the Lease stores it) > renew_deadline +
-    /// retry_period, and renew_deadline > retry_period > 0 (checked by config).
-    pub lease_duration: Duration,
-    pub renew_deadline: Duration,
-    pub retry_period: Duration,
-}
-
-impl LeaseConfig {
-    /// client-go's defaults: 15 s / 10 s / 2 s. A standby takes over at most ~17 s after the
-    /// leader dies; the leader renews at 0.5 writes per second; a leader cut off from the
-    /// apiserver stops acting within 12 s, 3 s before anyone may take over.
-    pub fn new(
-        name: impl Into<String>,
-        namespace: impl Into<String>,
-        identity: impl Into<String>,
-    ) -> LeaseConfig {
-        LeaseConfig {
-            name: name.into(),
-            namespace: namespace.into(),
-            identity: identity.into(),
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -151,12 +119,6 @@ fn decide(
             holder: holder.to_string(),
         }
     }
-}
-
-/// `leaseDurationSeconds` as written for `d`: whole seconds, at least one. Standbys judge expiry
-/// by this value, not by `d`.
-pub fn lease_seconds(d: Duration) -> u64 {
-    d.as_secs().max(1)
 }
 
 fn duration_seconds(d: Duration) -> i32 {
