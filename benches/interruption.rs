@@ -881,18 +881,21 @@ fn ratio(ours: f64, theirs: f64) -> String {
     }
 }
 
+/// A number read from one run's outcome.
+type Number = Box<dyn Fn(&Outcome) -> f64>;
+
 struct Measure {
     name: &'static str,
     text: Box<dyn Fn(&Outcome) -> String>,
     /// The number ratios are taken of; `None` for text only.
-    value: Option<Box<dyn Fn(&Outcome) -> f64>>,
+    value: Option<Number>,
 }
 
 impl Measure {
     fn new(
         name: &'static str,
         text: impl Fn(&Outcome) -> String + 'static,
-        value: Option<Box<dyn Fn(&Outcome) -> f64>>,
+        value: Option<Number>,
     ) -> Measure {
         Measure {
             name,
@@ -915,7 +918,7 @@ fn cordon_measure(name: &'static str, q: f64) -> Measure {
 }
 
 /// A number to take ratios of.
-fn num(f: impl Fn(&Outcome) -> f64 + 'static) -> Option<Box<dyn Fn(&Outcome) -> f64>> {
+fn num(f: impl Fn(&Outcome) -> f64 + 'static) -> Option<Number> {
     Some(Box::new(f))
 }
 

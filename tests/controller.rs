@@ -530,9 +530,11 @@ async fn leader_killed_mid_drain_standby_finishes_it() {
     // One leader started the drain and one resumed it: a leader change adds a DrainResumed, not
     // a second DrainStarted (Events may lag the drain by a moment: the recorder writes them
     // after the actions they describe).
-    eventually(Duration::from_secs(10), "the resumed drain's Event", || async {
-        node_event_count(&sandbox.client, &victim, "DrainResumed").await >= 1
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the resumed drain's Event",
+        || async { node_event_count(&sandbox.client, &victim, "DrainResumed").await >= 1 },
+    )
     .await;
     assert_eq!(
         node_event_count(&sandbox.client, &victim, "DrainStarted").await,
