@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # nodedrain: a static binary on a distroless base, running as non-root.
 #
-#   docker build -t nodedrain:dev .
+#   docker build -t nodedrain:dev --build-arg NODEDRAIN_GIT_COMMIT="$(git rev-parse --short HEAD)" .
 #   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/nodedrain:TAG --push .
 #
 # The builder is Alpine, whose native Rust target is musl: the binary is fully static on every
@@ -9,6 +9,8 @@
 # Alpine's C compiler (aws-lc-sys knows the *-alpine-linux-musl targets). No OpenSSL anywhere.
 FROM rust:1.95-alpine AS build
 RUN apk add --no-cache musl-dev
+# Shown by `nodedrain version`; compiled in.
+ARG NODEDRAIN_GIT_COMMIT=unknown
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -20,15 +22,19 @@ COPY benches ./benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     target="$(uname -m)-unknown-linux-musl" \
- && cargo build --release --locked --target "$target" --bin nodedrain \
- && cp "target/$target/release/nodedrain" /nodedrain
+ && NODEDRAIN_GIT_COMMIT="$NODEDRAIN_GIT_COMMIT" cargo build --release --locked --target "$target" --bin nodedrain \
+ && mkdir /out \
+ && cp "target/$target/release/nodedrain" /out/nodedrain \
+ && ln -s nodedrain /out/kubectl-nodedrain
 
 # distroless static: CA certificates, /etc/passwd with the nonroot user (65532), no shell.
 FROM gcr.io/distroless/static-debian12:nonroot
 LABEL org.opencontainers.image.title="nodedrain" \
       org.opencontainers.image.description="Kubernetes node drain assistant and spot interruption handler" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /nodedrain /usr/local/bin/nodedrain
+# The directory, so the symlink stays a symlink: `kubectl-nodedrain` is the kubectl plugin name
+# (kubectl nodedrain ...); distroless has no shell to make it here.
+COPY --from=build /out/ /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/nodedrain"]
 CMD ["controller"]

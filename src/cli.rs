@@ -28,6 +28,10 @@ pub enum Command {
     Uncordon(UncordonArgs),
     /// Report workloads that will break the next drain (single replicas, blocking PDBs, ...).
     Audit(AuditArgs),
+    /// Print a shell completion script: `source <(nodedrain completion bash)`.
+    Completion(crate::commands::completion::CompletionArgs),
+    /// Print nodedrain's version and the Kubernetes API version it was built for.
+    Version(crate::commands::version::VersionArgs),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

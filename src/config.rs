@@ -48,6 +48,8 @@ pub struct ControllerArgs {
     pub behaviour: BehaviourArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub notify: crate::notify::NotifyArgs,
 }
 
 /// Kubernetes API client limits.
@@ -252,6 +254,8 @@ pub struct ControllerConfig {
     pub admin_addr: SocketAddr,
     pub behaviour: Behaviour,
     pub log_format: LogFormat,
+    /// `None`: no webhook notifications.
+    pub notify: Option<crate::notify::NotifyConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,6 +391,8 @@ pub enum ConfigError {
     InvalidDeadlineMargin(String),
     #[error("--managed-tag / NODEDRAIN_MANAGED_TAG {value:?}: {problem}")]
     InvalidManagedTag { value: String, problem: String },
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// Human form of a duration for error messages, e.g. `1m 30s`.
@@ -431,6 +437,7 @@ impl ControllerArgs {
         let intake = self.intake(queue_url)?;
         let lease = self.lease(&env, pid)?;
         let behaviour = self.behaviour()?;
+        let notify = self.notify.validate()?;
         Ok(ControllerConfig {
             client: self.client.clone(),
             qps,
@@ -441,6 +448,7 @@ impl ControllerArgs {
             admin_addr: self.admin.admin_addr,
             behaviour,
             log_format: self.log.log_format,
+            notify,
         })
     }
 
@@ -785,6 +793,8 @@ mod tests {
             ("--identity", &mut args.lease.identity),
             ("--managed-tag", &mut args.behaviour.managed_tag),
             ("--node-selector", &mut args.behaviour.node_selector),
+            ("--notify-url", &mut args.notify.notify_url),
+            ("--notify-proxy", &mut args.notify.notify_proxy),
         ] {
             if !extra.contains(&flag) {
                 *field = None;

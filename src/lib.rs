@@ -17,6 +17,7 @@ pub mod kube_client;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod notify;
 pub mod render;
 pub mod resolve;
 pub mod telemetry;
@@ -26,6 +27,12 @@ use std::process::ExitCode;
 /// Runs one parsed command line; the binary's only entry into the library.
 pub fn run(cli: cli::Cli) -> ExitCode {
     use cli::Command;
+    // Neither needs a runtime, a cluster or logging.
+    match cli.command {
+        Command::Completion(args) => return commands::completion::run(args),
+        Command::Version(args) => return commands::version::run(args),
+        _ => {}
+    }
     // The controller logs for machines; the CLI commands print for people and log only warnings.
     let (level, json) = match &cli.command {
         Command::Controller(args) => (
@@ -56,6 +63,7 @@ pub fn run(cli: cli::Cli) -> ExitCode {
             Command::Plan(args) => commands::plan::run(args).await,
             Command::Uncordon(args) => commands::uncordon::run(args).await,
             Command::Audit(args) => commands::audit::run(args).await,
+            Command::Completion(_) | Command::Version(_) => ExitCode::SUCCESS,
         }
     })
 }

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    nodedrain::run(nodedrain::cli::Cli::parse())
+    nodedrain::run(nodedrain::commands::completion::parse_invocation())
 }

@@ -23,6 +23,8 @@
 //! | `nodedrain_leader` | gauge (0/1) | — |
 //! | `nodedrain_sqs_errors_total` | counter | `operation` ([`SqsOperation`]) |
 //! | `nodedrain_resolutions_total` | counter | `result` ([`ResolveOutcome`]) |
+//! | `nodedrain_notifications_total` | counter | `event`, `outcome` (registered by [`crate::notify::NotifyMetrics`]) |
+//! | `nodedrain_notification_events_total` | counter | `event`, `outcome` (the same) |
 //!
 
 use prometheus_client::metrics::counter::Counter;

@@ -51,6 +51,16 @@ policy:
       strategy: wait
       gracePeriod: 60
   existingConfigMap: ""
+notifications:
+  secretName: nodedrain-webhook
+  secretKey: slack-url
+  format: json
+  template: '{"msg": {{ text|tojson }}, "nodes": {{ nodes|tojson }}}'
+  proxy: http://proxy.internal.example:3128
+  events: [deadline-override, failed]
+  coalesceWindow: 30s
+  maxPerMinute: 4
+  timeout: 5
 kubernetesApi:
   qps: 250.5
   cordonQps: 400
@@ -381,6 +391,7 @@ fn every_option_renders_where_it_belongs() {
             "ClusterRole",
             "ClusterRoleBinding",
             "ConfigMap",
+            "ConfigMap",
             "Deployment",
             "PodDisruptionBudget",
             "Role",
@@ -494,6 +505,23 @@ fn every_option_renders_where_it_belongs() {
         ("NODEDRAIN_LOG_FORMAT", "text"),
         ("RUST_LOG", "info,nodedrain::interruption=debug"),
         ("AWS_STS_REGIONAL_ENDPOINTS", "regional"),
+        (
+            "NODEDRAIN_NOTIFY_URL",
+            r#"{"secretKeyRef":{"key":"slack-url","name":"nodedrain-webhook"}}"#,
+        ),
+        ("NODEDRAIN_NOTIFY_FORMAT", "json"),
+        (
+            "NODEDRAIN_NOTIFY_TEMPLATE",
+            "/etc/nodedrain/notify/template.j2",
+        ),
+        (
+            "NODEDRAIN_NOTIFY_PROXY",
+            "http://proxy.internal.example:3128",
+        ),
+        ("NODEDRAIN_NOTIFY_EVENTS", "deadline-override,failed"),
+        ("NODEDRAIN_NOTIFY_COALESCE_WINDOW", "30s"),
+        ("NODEDRAIN_NOTIFY_MAX_PER_MINUTE", "4"),
+        ("NODEDRAIN_NOTIFY_TIMEOUT", "5"),
     ] {
         assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
     }
@@ -525,7 +553,7 @@ fn every_option_renders_where_it_belongs() {
         "arn:aws:iam::123456789012:role/nodedrain"
     );
     let policy: Value = serde_saphyr::from_str(
-        the(&objects, "ConfigMap")["data"]["policy.yaml"]
+        config_map(&objects, "prod-drainer-policy")["data"]["policy.yaml"]
             .as_str()
             .unwrap(),
     )
@@ -536,6 +564,21 @@ fn every_option_renders_where_it_belongs() {
             {"namespaces": ["kube-system"], "selector": "k8s-app=kube-dns", "order": 100},
             {"namespaces": ["batch"], "strategy": "wait", "gracePeriod": 60},
         ]})
+    );
+    // The notification template, mounted where NODEDRAIN_NOTIFY_TEMPLATE points, and rolled
+    // out on change like the policy.
+    assert_eq!(
+        config_map(&objects, "prod-drainer-notify-template")["data"]["template.j2"],
+        r#"{"msg": {{ text|tojson }}, "nodes": {{ nodes|tojson }}}"#
+    );
+    assert!(template["metadata"]["annotations"]["checksum/notify-template"].is_string());
+    assert_eq!(
+        pod["volumes"][1],
+        json!({"name": "notify-template", "configMap": {"name": "prod-drainer-notify-template"}})
+    );
+    assert_eq!(
+        c["volumeMounts"][1],
+        json!({"name": "notify-template", "mountPath": "/etc/nodedrain/notify", "readOnly": true})
     );
     let pdb = the(&objects, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["maxUnavailable"], "50%");
@@ -590,13 +633,22 @@ fn optional_objects_can_be_turned_off_or_brought_along() {
 /// ConfigMap written to a file) and a kubeconfig that does not exist: it must get past the
 /// validation of every setting and the policy, and stop only where it needs the cluster.
 fn controller_accepts(objects: &[Value], dir: &Path) {
+    let config_maps: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .collect();
     let policy = write(
         dir,
         "policy.yaml",
-        the(objects, "ConfigMap")["data"]["policy.yaml"]
-            .as_str()
+        config_maps
+            .iter()
+            .find_map(|c| c["data"]["policy.yaml"].as_str())
             .unwrap(),
     );
+    let template = config_maps
+        .iter()
+        .find_map(|c| c["data"]["template.j2"].as_str())
+        .map(|t| write(dir, "template.j2", t));
     let mut command = Command::new(env!("CARGO_BIN_EXE_nodedrain"));
     command.env_clear().args(
         container(objects)["args"]
@@ -609,6 +661,13 @@ fn controller_accepts(objects: &[Value], dir: &Path) {
         let value = match name.as_str() {
             "NODEDRAIN_POD_NAME" => "nodedrain-7d9c8b6f5-x2x4k".to_string(),
             "NODEDRAIN_POLICY" => policy.display().to_string(),
+            // The Secret's value, as the kubelet would put it there.
+            "NODEDRAIN_NOTIFY_URL" => "https://hooks.slack.com/services/T0/B0/x".to_string(),
+            "NODEDRAIN_NOTIFY_TEMPLATE" => template
+                .as_ref()
+                .expect("the template's ConfigMap")
+                .display()
+                .to_string(),
             _ => value,
         };
         command.env(name, value);
@@ -660,6 +719,14 @@ fn the_schema_rejects_bad_values_with_readable_messages() {
         (
             vec![("aws.region", "US-East-1")],
             vec!["at '/aws/region'", "an AWS region name such as us-east-1"],
+        ),
+        (
+            vec![("notifications.format", "teams")],
+            vec!["at '/notifications/format': value must be one of 'slack', 'json'"],
+        ),
+        (
+            vec![("notifications.maxPerMinute", "0")],
+            vec!["at '/notifications/maxPerMinute'"],
         ),
         (
             vec![("interruptions.rebalance", "always")],
@@ -759,6 +826,14 @@ fn the_schema_rejects_bad_values_with_readable_messages() {
 }
 
 /// Leaf values of values.yaml, by dotted path. Lists and empty maps are leaves.
+/// The ConfigMap called `name`.
+fn config_map<'a>(objects: &'a [Value], name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no ConfigMap {name}: {:?}", kinds(objects)))
+}
+
 fn leaves(value: &Value, path: &str, out: &mut BTreeMap<String, Value>) {
     match value {
         Value::Object(map) if !map.is_empty() => {

@@ -239,11 +239,19 @@ async fn lines(mut receiver: mpsc::Receiver<ProgressEvent>, several: bool) {
 async fn live(mut receiver: mpsc::Receiver<ProgressEvent>, several: bool) {
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template(
-        "{spinner:.cyan} {prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {elapsed:>4} {wide_msg}",
+        "{spinner:.cyan} {prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {kubectl_elapsed:>6} {wide_msg}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key(
+        "kubectl_elapsed",
+        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&super::progress::kubectl_duration(state.elapsed()));
+        },
+    )
     .progress_chars("=> ");
     let mut bars: Vec<(String, ProgressBar)> = Vec::new();
+    let mut progress: std::collections::HashMap<String, super::progress::NodeProgress> =
+        std::collections::HashMap::new();
     let mut bar_for = |multi: &MultiProgress, node: &str| -> ProgressBar {
         if let Some((_, bar)) = bars.iter().find(|(n, _)| n == node) {
             return bar.clone();
@@ -266,13 +274,15 @@ async fn live(mut receiver: mpsc::Receiver<ProgressEvent>, several: bool) {
                 bar.set_length(*steps as u64);
                 bar.set_message("draining");
             }
-            ProgressEvent::Pod { node, change, .. } => {
+            ProgressEvent::Pod { node, pod, change } => {
                 let bar = bar_for(&multi, node);
-                match change {
-                    PodChange::Gone { .. } => bar.inc(1),
-                    PodChange::Blocked { blocker } => bar.set_message(blocker.to_string()),
-                    _ => {}
+                if let PodChange::Gone { .. } = change {
+                    bar.inc(1);
                 }
+                // What blocks the drain now, not the last blocker reported.
+                let now = progress.entry(node.clone()).or_default();
+                now.apply(pod, change);
+                bar.set_message(now.message().unwrap_or_else(|| "draining".to_string()));
                 let _ = multi.println(&line);
             }
             ProgressEvent::NodeDrained { node, .. } => {

@@ -2,7 +2,10 @@
 //! renders its result. They return an exit code; errors become readable messages here.
 
 pub mod audit;
+pub mod completion;
 pub mod controller;
 pub mod drain;
 pub mod plan;
+pub mod progress;
 pub mod uncordon;
+pub mod version;

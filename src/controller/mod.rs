@@ -41,6 +41,7 @@ use crate::kube_client::{self, ClientError};
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
 use crate::names;
 use crate::node::{self, DrainKind, DrainRecord, Phase};
+use crate::notify::{Notice, Notifier, NotifyError, NotifyEvent, NotifyMetrics};
 use crate::resolve::{self, NodeWatch, Resolution, Resolver};
 
 /// How long a message waits before it is offered again when its node cannot be found yet (a
@@ -76,6 +77,8 @@ pub enum ControllerError {
         #[source]
         source: PolicyError,
     },
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
 }
 
 /// Everything a leader term's tasks share.
@@ -88,6 +91,7 @@ struct Shared {
     watch: NodeWatch,
     handoff: Handoff,
     metrics: Metrics,
+    notifier: Notifier,
     config: ControllerConfig,
     policy: ClusterPolicy,
     /// Drain tasks running in this process, by node: a redelivered message or a resume does not
@@ -116,6 +120,16 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry, InterruptionKind::ALL);
+    let notify_metrics = NotifyMetrics::register(&mut registry);
+    // Stopped after the drains, so their last notices still go out.
+    let notify_stop = CancellationToken::new();
+    let (notifier, notify_task) = match config.notify.clone() {
+        Some(notify) => {
+            let (notifier, task) = Notifier::start(notify, notify_metrics, notify_stop.clone())?;
+            (notifier, Some(task))
+        }
+        None => (Notifier::disabled(), None),
+    };
     let readiness = Readiness::new(&[resolve::READINESS_COMPONENT, sqs::READINESS_COMPONENT]);
     let admin = AdminServer::bind(config.admin_addr, Arc::new(registry), readiness.clone()).await?;
     info!(addr = %config.admin_addr, "admin server listening");
@@ -185,6 +199,7 @@ pub async fn run(
         resolver,
         watch: node_watch,
         metrics,
+        notifier,
         policy,
         config: config.clone(),
         draining: Mutex::new(HashMap::new()),
@@ -196,6 +211,10 @@ pub async fn run(
 
     shared.tasks.close();
     shared.tasks.wait().await;
+    notify_stop.cancel();
+    if let Some(task) = notify_task {
+        let _ = task.await;
+    }
     if let Some(task) = elector_task {
         let _ = task.await;
     }
@@ -373,6 +392,11 @@ async fn handle_batch(shared: &Arc<Shared>, batch: Vec<Delivery>) {
                     shared.metrics.event_to_cordon(&target.kind, latency);
                     let own = now.duration_since(target.received_at).as_secs_f64();
                     shared.metrics.receive_to_cordon(own);
+                    shared.notifier.notify(Notice::about(
+                        NotifyEvent::Received,
+                        &target.node,
+                        &target.record,
+                    ));
                     true
                 }
                 Err(error) => {
@@ -640,6 +664,11 @@ async fn drain_and_hand_over(
     origin: Origin,
 ) {
     let _draining = shared.metrics.draining_guard();
+    let started_notice = Notice::about(NotifyEvent::Started, name, &record);
+    shared.notifier.notify(match origin {
+        Origin::Resumed => started_notice.with_detail("resumed"),
+        Origin::Fresh => started_notice,
+    });
     let started = Instant::now();
     let kind = record.kind.interruption();
     let handover = kind != Some(InterruptionKind::RebalanceRecommendation)
@@ -676,7 +705,12 @@ async fn drain_and_hand_over(
     };
 
     let (progress, events) = mpsc::channel(256);
-    let metrics_task = tokio::spawn(count_progress(shared.metrics.clone(), events));
+    let metrics_task = tokio::spawn(count_progress(
+        shared.metrics.clone(),
+        events,
+        shared.notifier.clone(),
+        Notice::about(NotifyEvent::DeadlineOverride, name, &record),
+    ));
     let heartbeat = record.lifecycle_hook.clone().map(|hook| {
         let handoff = shared.handoff.clone();
         let stop = cancel.child_token();
@@ -704,6 +738,20 @@ async fn drain_and_hand_over(
     shared
         .metrics
         .drain_finished(&record.kind, outcome, started.elapsed().as_secs_f64());
+    match (outcome, &result) {
+        (DrainResult::Succeeded, _) => {
+            shared
+                .notifier
+                .notify(Notice::about(NotifyEvent::Succeeded, name, &record))
+        }
+        (DrainResult::Failed | DrainResult::TimedOut, result) => shared.notifier.notify(
+            Notice::about(NotifyEvent::Failed, name, &record).with_detail(match result {
+                Ok(report) => crate::notify::failure_detail(report),
+                Err(error) => error.to_string(),
+            }),
+        ),
+        (DrainResult::Cancelled, _) => {}
+    }
     if outcome == DrainResult::Cancelled {
         // Lost the lease or shutting down: the next leader resumes from the record.
         return;
@@ -747,10 +795,16 @@ fn log_report(report: &DrainReport) {
     }
 }
 
-/// Turns the engine's progress into metrics (bounded labels only).
-async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEvent>) {
+/// Turns the engine's progress into metrics (bounded labels only), and deadline overrides into
+/// notices (`override_notice` with the pod added).
+async fn count_progress(
+    metrics: Metrics,
+    mut events: mpsc::Receiver<ProgressEvent>,
+    notifier: Notifier,
+    override_notice: Notice,
+) {
     while let Some(event) = events.recv().await {
-        let ProgressEvent::Pod { change, .. } = event else {
+        let ProgressEvent::Pod { change, pod, .. } = event else {
             continue;
         };
         match change {
@@ -758,6 +812,7 @@ async fn count_progress(metrics: Metrics, mut events: mpsc::Receiver<ProgressEve
             PodChange::Deleting { .. } => metrics.eviction(EvictionOutcome::Deleted),
             PodChange::DeadlineOverride { .. } => {
                 metrics.deadline_override();
+                notifier.notify(override_notice.clone().with_detail(pod.to_string()));
                 metrics.eviction(EvictionOutcome::Deleted);
             }
             PodChange::Blocked {

@@ -431,8 +431,9 @@ enum Gate {
     /// Exactly one PDB, whose budget allows one more eviction.
     Pdb(PdbKey),
     /// The PDB's budget would allow it, but this process already has as many requests in flight
-    /// against it as it may.
-    Busy,
+    /// against it as it may. The blocker names the PDB: past the step's latest start, waiting
+    /// for those answers is waiting on the PDB, and the deadline overrides it like any other.
+    Busy(Blocker),
     Closed(Blocker),
     Multiple,
 }
@@ -1351,7 +1352,11 @@ impl Machine {
                     message: (live.allowed().unwrap_or(0) > 0)
                         .then(|| "taken by this drain's evictions in progress".to_string()),
                 }),
-                _ if live.in_flight >= self.config.evictions_per_pdb => Gate::Busy,
+                _ if live.in_flight >= self.config.evictions_per_pdb => Gate::Busy(Blocker::Pdb {
+                    name: live.name(),
+                    disruptions_allowed: live.allowed(),
+                    message: Some("waiting for this drain's evictions in progress".to_string()),
+                }),
                 // A budget to spend, or none computed yet (only the Eviction API can say).
                 _ => Gate::Pdb((*key).clone()),
             },
@@ -1392,10 +1397,11 @@ impl Machine {
                 Gate::Pdb(key) => Some(key),
                 // Ready to go when one of this PDB's requests answers (the answer is an input,
                 // so no timer is needed meanwhile).
-                Gate::Busy => {
+                Gate::Busy(blocker) => {
                     let step = self.step_mut(id).expect("step listed above");
                     step.retry.now = true;
                     step.retry.at = None;
+                    self.block(id, blocker);
                     continue;
                 }
                 // The PDB's status says the eviction would be refused, so it is not sent: the
