@@ -40,259 +40,24 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::{Value, json};
+use kube::api::{Api, ListParams};
+use serde_json::Value;
 use support::bench::{
-    cpu_seconds, env_list, env_or, mib, proc_status_kib, quantile, tail, wait_all_ready, wait_pdbs,
-    wait_quiet, watch_pods, when_empty,
+    Launched, bound_pod, cpu_seconds, create_all, env_list, env_or, kwok_node, measured_processes,
+    mib, proc_status_kib, quantile, remove_scope, send_spot_warnings, spare_nodes,
+    spread_replica_sets, wait_quiet, watch_cordons, watch_pods, when_empty,
 };
 use support::cgroup::{Cgroup, CgroupStats, ChartLimits};
-use support::controller::{admin_get, instance_id, spot_body};
-use support::drain::{name_of, pdb, wait_schedulable};
-use support::{Sandbox, Scope, TEST_KEY};
+use support::drain::{name_of, wait_schedulable};
+use support::{Sandbox, TEST_KEY};
 
-/// Sandbox processes whose CPU use is reported (command names, as in /proc/PID/comm).
-const SANDBOX_PROCESSES: &[&str] = &[
-    "kube-apiserver",
-    "etcd",
-    "kube-scheduler",
-    "kube-controller",
-    "kwok-controller",
-    "moto_server",
-    // This harness itself (its command name, cut to 15 characters): its pod watch shares the CPUs.
-    "controller_burs",
-];
-
-/// Replacement pods each spare node takes.
-const SPARE_NODE_PODS: usize = 500;
-/// Requests in flight while creating fixtures.
-const CREATE_CONCURRENCY: usize = 64;
-
-/// One `nodedrain controller` process with its admin port and log.
-struct Launched {
-    child: Child,
-    admin: u16,
-    log: PathBuf,
-    started: Instant,
-}
-
-impl Launched {
-    /// `cgroup`: run it under the chart's limits there.
-    fn start(queue_url: &str, node_selector: Option<&str>, cgroup: Option<&Cgroup>) -> Launched {
-        let admin = support::aws::free_port();
-        let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
-        let file = std::fs::File::create(&log).expect("create log file");
-        let program = env!("CARGO_BIN_EXE_nodedrain");
-        // BENCH_CONTROLLER_WRAPPER runs it under a profiler (e.g. "heaptrack -o /tmp/burst").
-        let wrapper: Vec<String> = std::env::var("BENCH_CONTROLLER_WRAPPER")
-            .map(|w| w.split_whitespace().map(String::from).collect())
-            .unwrap_or_default();
-        let mut command = match (cgroup, wrapper.split_first()) {
-            (Some(cgroup), None) => cgroup.command(program),
-            (Some(cgroup), Some((tool, args))) => {
-                let mut command = cgroup.command(tool);
-                command.args(args).arg(program);
-                command
-            }
-            (None, Some((tool, args))) => {
-                let mut command = Command::new(tool);
-                command.args(args).arg(program);
-                command
-            }
-            (None, None) => Command::new(program),
-        };
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy().to_string();
-            if key.starts_with("NODEDRAIN_") {
-                command.env_remove(&key);
-            }
-        }
-        command
-            .env("KUBECONFIG", support::var("KUBECONFIG"))
-            .env("AWS_ENDPOINT_URL", support::var("AWS_ENDPOINT_URL"))
-            .env("AWS_REGION", support::var("AWS_REGION"))
-            .env("AWS_ACCESS_KEY_ID", support::var("AWS_ACCESS_KEY_ID"))
-            .env(
-                "AWS_SECRET_ACCESS_KEY",
-                support::var("AWS_SECRET_ACCESS_KEY"),
-            )
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .args([
-                "controller",
-                "--queue-url",
-                queue_url,
-                "--leader-elect=false",
-            ])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .args(["--log-format", "json"]);
-        if let Some(selector) = node_selector {
-            command.args(["--node-selector", selector]);
-        }
-        if let Ok(extra) = std::env::var("BENCH_CONTROLLER_ARGS") {
-            command.args(extra.split_whitespace());
-        }
-        let started = Instant::now();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start nodedrain controller");
-        Launched {
-            child,
-            admin,
-            log,
-            started,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Time from process start until `/readyz` answers 200.
-    async fn wait_ready(&mut self, timeout: Duration) -> Duration {
-        loop {
-            if let Some((200, _)) = admin_get(self.admin, "/readyz").await {
-                return self.started.elapsed();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("controller exited with {status}:\n{}", self.log_tail(30));
-            }
-            assert!(
-                self.started.elapsed() < timeout,
-                "controller not ready within {timeout:?}:\n{}",
-                self.log_tail(30)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The sum of a metric's series whose line starts with `prefix`.
-    async fn metric_sum(&self, prefix: &str) -> f64 {
-        let body = admin_get(self.admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    /// A histogram's buckets (upper bound, cumulative count), `+Inf` as infinity.
-    async fn histogram(&self, name: &str) -> Vec<(f64, f64)> {
-        let body = admin_get(self.admin, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        let prefix = format!("{name}_bucket{{le=\"");
-        body.lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(&prefix)?;
-                let (bound, rest) = rest.split_once('"')?;
-                let count = rest.rsplit(' ').next()?.parse().ok()?;
-                let bound = if bound == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    bound.parse().ok()?
-                };
-                Some((bound, count))
-            })
-            .collect()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        tail(
-            &std::fs::read_to_string(&self.log).unwrap_or_default(),
-            lines,
-        )
-    }
-}
-
-impl Drop for Launched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::env::var("BENCH_KEEP_LOGS").is_err() {
-            let _ = std::fs::remove_file(&self.log);
-        } else {
-            eprintln!("controller log kept: {}", self.log.display());
-        }
-    }
-}
-
-/// Creates objects with bounded concurrency; panics on the first failure.
-async fn create_all<K>(api: &Api<K>, objects: Vec<Value>)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    futures::stream::iter(objects)
-        .map(|object| async move {
-            let object: K = serde_json::from_value(object).expect("valid object");
-            api.create(&PostParams::default(), &object).await
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .expect("create fixture objects");
-}
-
-/// A KWOK node of this scope, tainted like the scope's other nodes.
-fn kwok_node(scope: &Scope, name: &str, pods: usize, provider_id: Option<String>) -> Value {
-    let mut node = json!({
-        "metadata": {
-            "name": name,
-            "labels": {
-                "kubernetes.io/hostname": name,
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64",
-                "node.kubernetes.io/instance-type": "m5.4xlarge",
-                "topology.kubernetes.io/region": "us-east-1",
-                "topology.kubernetes.io/zone": "us-east-1a",
-                "karpenter.sh/capacity-type": "spot",
-                "type": "kwok",
-                TEST_KEY: scope.id,
-            },
-            "annotations": {"kwok.x-k8s.io/node": "fake"},
-        },
-        "spec": {
-            "taints": [{"key": TEST_KEY, "value": scope.id, "effect": "NoSchedule"}],
-        },
-        "status": {
-            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": pods.to_string()},
-            "capacity": {"cpu": "16", "memory": "64Gi", "pods": pods.to_string()},
-        },
-    });
-    if let Some(id) = provider_id {
-        node["spec"]["providerID"] = json!(id);
-    }
-    node
-}
-
-/// A pod bound to `node` (no scheduling), labelled `app`.
-fn bound_pod(scope: &Scope, name: &str, app: &str, node: &str, grace: i64) -> Value {
-    let mut spec = scope.pod_spec(grace);
-    spec["nodeName"] = json!(node);
-    json!({
-        "metadata": {"name": name, "labels": {"app": app, "tier": "web"}},
-        "spec": spec,
-    })
-}
+/// This harness's command name as the kernel keeps it (15 characters): its pod watch shares the
+/// CPUs, so its CPU time is reported with the sandbox's.
+const HARNESS: &str = "controller_burs";
 
 // ---------------------------------------------------------------------------------------------
 // burst
@@ -323,37 +88,6 @@ struct Burst {
     own: Vec<(f64, f64)>,
 }
 
-/// Records, per node of the scope, when a watch first saw it unschedulable.
-fn watch_cordons(
-    scope: &Scope,
-) -> (
-    Arc<Mutex<HashMap<String, Instant>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let seen = Arc::new(Mutex::new(HashMap::new()));
-    let api: Api<Node> = Api::all(scope.client.clone());
-    let config = watcher::Config::default().labels(&format!("{TEST_KEY}={}", scope.id));
-    let shared = seen.clone();
-    let task = tokio::spawn(async move {
-        let mut stream = watcher(api, config)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        // The watcher resumes by itself after an error; only the end of the stream ends this.
-        while let Some(next) = stream.next().await {
-            let at = Instant::now();
-            match next {
-                Ok(node) if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) => {
-                    shared.lock().unwrap().entry(name_of(&node)).or_insert(at);
-                }
-                Ok(_) => {}
-                Err(error) => eprintln!("node watch: {error}; resuming"),
-            }
-        }
-    });
-    (seen, task)
-}
-
 async fn burst(sandbox: &Sandbox) -> Burst {
     let count: usize = env_or("BENCH_BURST_NODES", 200);
     let per_node: usize = env_or("BENCH_BURST_PODS_PER_NODE", 30);
@@ -365,66 +99,9 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     eprintln!("burst: {count} spot nodes (moto instances + KWOK nodes)");
     let nodes = scope.nodes(count).await;
     wait_schedulable(&scope, &nodes).await;
-    let spare_count = (count * per_node * 6 / 5).div_ceil(SPARE_NODE_PODS).max(1);
-    let node_api: Api<Node> = Api::all(scope.client.clone());
-    let spares: Vec<Value> = (0..spare_count)
-        .map(|i| {
-            kwok_node(
-                &scope,
-                &format!("{}-spare-{i}", scope.id),
-                SPARE_NODE_PODS,
-                None,
-            )
-        })
-        .collect();
-    create_all(&node_api, spares).await;
-
+    spare_nodes(&scope, count * per_node).await;
     eprintln!("burst: {} pods in {per_node} ReplicaSets", count * per_node);
-    let mut pods = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for app in 0..per_node {
-            let app = format!("app{app:02}");
-            pods.push(bound_pod(
-                &scope,
-                &format!("{app}-n{i}"),
-                &app,
-                &name_of(node),
-                grace,
-            ));
-        }
-    }
-    create_all(&scope.pods(), pods).await;
-    // The ReplicaSets come after their pods and adopt them: none is created or scheduled.
-    let budget = match max_unavailable.strip_suffix('%') {
-        Some(p) => json!({"maxUnavailable": format!("{p}%")}),
-        None => json!({"maxUnavailable": max_unavailable.parse::<i32>().unwrap_or(1)}),
-    };
-    // The disruption controller rounds a percentage up.
-    let unavailable: i64 = match max_unavailable.strip_suffix('%') {
-        Some(p) => (p.parse::<i64>().unwrap_or(0) * count as i64 + 99) / 100,
-        None => max_unavailable.parse().unwrap_or(1),
-    };
-    let mut floors = BTreeMap::new();
-    let mut sets = Vec::new();
-    for app in 0..per_node {
-        let app = format!("app{app:02}");
-        let mut template_spec = scope.pod_spec(grace);
-        template_spec["containers"][0]["name"] = json!(app);
-        sets.push(json!({
-            "metadata": {"name": app},
-            "spec": {
-                "replicas": count,
-                "selector": {"matchLabels": {"app": app}},
-                "template": {"metadata": {"labels": {"app": app, "tier": "web"}}, "spec": template_spec},
-            },
-        }));
-        pdb(&scope, &app, &app, budget.clone()).await;
-        floors.insert(app, count as i64 - unavailable);
-    }
-    create_all(&scope.api::<ReplicaSet>(), sets).await;
-    wait_all_ready(&scope, count * per_node).await;
-    wait_adopted(&scope, count * per_node).await;
-    wait_pdbs(&scope, per_node).await;
+    let floors = spread_replica_sets(&scope, &nodes, per_node, grace, Some(&max_unavailable)).await;
     eprintln!("burst: fixtures ready in {:.0?}", phase.elapsed());
 
     let sqs = aws_sdk_sqs::Client::new(&scope.aws);
@@ -446,56 +123,17 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     // Both watches have listed and the controller has settled.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let quiet_cores: f64 = env_or("BENCH_QUIET_CORES", 0.5);
-    let (waited, load) = wait_quiet(SANDBOX_PROCESSES, quiet_cores, Duration::from_secs(300)).await;
+    let processes = measured_processes(HARNESS);
+    let (waited, load) = wait_quiet(&processes, quiet_cores, Duration::from_secs(300)).await;
     eprintln!(
         "burst: sandbox at {load:.2} cores after waiting {:.0?} for it to settle",
         waited
     );
 
-    let cpu_before = cpu_seconds(SANDBOX_PROCESSES, Some(pid));
+    let cpu_before = cpu_seconds(&processes, Some(pid));
     eprintln!("burst: sending {count} spot warnings at once");
-    let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let first_send = Instant::now();
-    let batches: Vec<Vec<(String, String)>> = nodes
-        .chunks(10)
-        .enumerate()
-        .map(|(b, chunk)| {
-            chunk
-                .iter()
-                .enumerate()
-                .map(|(i, node)| {
-                    let body = spot_body(
-                        &format!("bench-{}-{b}-{i}", std::process::id()),
-                        &instance_id(node),
-                    );
-                    (name_of(node), body)
-                })
-                .collect()
-        })
-        .collect();
-    let sends = batches.into_iter().map(|batch| {
-        let sqs = sqs.clone();
-        let queue = queue.clone();
-        async move {
-            let at = Instant::now();
-            let mut request = sqs.send_message_batch().queue_url(&queue);
-            for (i, (_, body)) in batch.iter().enumerate() {
-                request = request.entries(
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(body)
-                        .build()
-                        .expect("entry"),
-                );
-            }
-            let out = request.send().await.expect("send message batch");
-            assert!(out.failed.is_empty(), "rejected entries: {:?}", out.failed);
-            batch.into_iter().map(move |(node, _)| (node, at))
-        }
-    });
-    for sent in futures::future::join_all(sends).await {
-        sent_at.extend(sent);
-    }
+    let sent_at = send_spot_warnings(&sqs, &queue, &nodes, "burst").await;
     // moto takes its time to accept a burst; real SQS answers in milliseconds. Reported apart.
     let sent_after = first_send.elapsed();
 
@@ -519,7 +157,7 @@ async fn burst(sandbox: &Sandbox) -> Burst {
     let drained_at = when_empty(&mut empty, Duration::from_secs(600)).await;
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
     let cgroup_stats = cgroup.as_ref().map(|c| (c.limits, c.stats()));
-    let cpu: Vec<(String, f64)> = cpu_seconds(SANDBOX_PROCESSES, Some(pid))
+    let cpu: Vec<(String, f64)> = cpu_seconds(&processes, Some(pid))
         .into_iter()
         .map(|(name, after)| {
             let before = cpu_before.get(&name).copied().unwrap_or(0.0);
@@ -579,75 +217,6 @@ async fn burst(sandbox: &Sandbox) -> Burst {
         cpu,
         blocked,
     }
-}
-
-/// Waits until the ReplicaSets own all `count` pods, so the drain sees workload pods, not bare
-/// ones.
-async fn wait_adopted(scope: &Scope, count: usize) {
-    let start = Instant::now();
-    loop {
-        let list = scope
-            .pods()
-            .list(&ListParams::default())
-            .await
-            .expect("list pods");
-        let owned = list
-            .items
-            .iter()
-            .filter(|p| {
-                p.metadata
-                    .owner_references
-                    .as_ref()
-                    .is_some_and(|o| !o.is_empty())
-            })
-            .count();
-        if owned >= count {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "only {owned} of {count} pods adopted by their ReplicaSets"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Deletes the scope's pods at once (grace 0), then its nodes and namespace.
-async fn remove_scope(scope: Scope) {
-    // At 50,000 pods one collection delete runs out of time part-way. Pods left behind when
-    // their nodes go are deleted by the namespace controller one grace period at a time, which
-    // kept the sandbox busy for half an hour after an idle run.
-    let pods = scope.pods();
-    let everything = ListParams::default().limit(1);
-    for _ in 0..30 {
-        let _ = pods
-            .delete_collection(
-                &DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..DeleteParams::default()
-                },
-                &ListParams::default(),
-            )
-            .await;
-        match pods.list_metadata(&everything).await {
-            Ok(list) if list.items.is_empty() => break,
-            _ => tokio::time::sleep(Duration::from_secs(2)).await,
-        }
-    }
-    let nodes: Api<Node> = Api::all(scope.client.clone());
-    let mine = ListParams::default().labels(&format!("{TEST_KEY}={}", scope.id));
-    // Under load a collection delete can time out part-way; nodes left with drain records would
-    // be resumed by the next controller anyone starts on this sandbox.
-    for _ in 0..30 {
-        let _ = nodes
-            .delete_collection(&DeleteParams::default(), &mine)
-            .await;
-        match nodes.list_metadata(&mine).await {
-            Ok(list) if list.items.is_empty() => break,
-            _ => tokio::time::sleep(Duration::from_secs(2)).await,
-        }
-    }
-    scope.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------

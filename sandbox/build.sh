@@ -54,6 +54,27 @@ build_helm() {
   rm -rf "$HELM_BIN"; mv "$tmp" "$HELM_BIN"
 }
 
+build_nth() {
+  local version bin tarball tmp src
+  for version in "$NTH_RELEASE" "$NTH_MAIN"; do
+    bin="$(nth_bin "$version")"
+    [ -x "$bin/node-termination-handler" ] && [ -f "$bin/chart/Chart.yaml" ] && continue
+    tarball="$NTH_PEERS/aws-node-termination-handler-$version.tar.gz"
+    [ -f "$tarball" ] || die "NTH $version's source is missing: $tarball (shared/peers is expected beside the repository; NODEDRAIN_PEERS names another folder)"
+    log "building aws-node-termination-handler $version from $tarball"
+    tmp="$bin.tmp"
+    src="$tmp/aws-node-termination-handler-$version"
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    tar -xzf "$tarball" -C "$tmp"
+    # The command its README gives; lib.sh's -mod=mod would let go rewrite its go.sum.
+    (cd "$src" && GOFLAGS= go build -trimpath -o "$tmp/node-termination-handler" ./cmd)
+    # The benchmark renders NTH's RBAC from its own chart, so the chart is kept beside the binary.
+    mv "$src/config/helm/aws-node-termination-handler" "$tmp/chart"
+    rm -rf "$src"
+    rm -rf "$bin"; mv "$tmp" "$bin"
+  done
+}
+
 install_moto() {
   [ -f "$MOTO_VENV/.complete" ] && return
   log "installing moto $MOTO_VERSION into $MOTO_VENV"
@@ -69,8 +90,9 @@ mkdir -p "$NODEDRAIN_CACHE"
 start=$(date +%s)
 case "$what" in
   all) install_moto; build_kwok; build_etcd; build_kubernetes; build_helm ;;
-  kubernetes|etcd|kwok|helm) "build_$what" ;;
+  # NTH is not part of `all`: only the benchmarks run it (docs/sandbox.md says why).
+  kubernetes|etcd|kwok|helm|nth) "build_$what" ;;
   moto) install_moto ;;
-  *) die "unknown component $what (all, kubernetes, etcd, kwok, helm, moto)" ;;
+  *) die "unknown component $what (all, kubernetes, etcd, kwok, helm, nth, moto)" ;;
 esac
 log "build ready in $(( $(date +%s) - start ))s (cache: $NODEDRAIN_CACHE)"

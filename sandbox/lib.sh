@@ -20,6 +20,9 @@ K8S_BIN="$NODEDRAIN_CACHE/kubernetes-$K8S_VERSION-$(key_of "$SANDBOX_SRC/go/kube
 ETCD_BIN="$NODEDRAIN_CACHE/etcd-$ETCD_VERSION-$(key_of "$SANDBOX_SRC/go/etcd/go.mod" "$SANDBOX_SRC/go/etcd/go.sum")"
 KWOK_BIN="$NODEDRAIN_CACHE/kwok-$KWOK_VERSION"
 HELM_BIN="$NODEDRAIN_CACHE/helm-$HELM_VERSION"
+# In CI the repository is a fresh clone with a copy of shared/ beside it.
+NTH_PEERS="${NODEDRAIN_PEERS:-$REPO_ROOT/../shared/peers}"
+nth_bin() { echo "$NODEDRAIN_CACHE/nth-$1"; } # the folder of one NTH version's binary
 MOTO_VENV="$NODEDRAIN_CACHE/moto-$MOTO_VERSION-py$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none)"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
