@@ -436,8 +436,20 @@ pub async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Deletes nodes (and namespaces) left by an aborted earlier run of the controller tests (another process id):
-/// the controller resumes unfinished drains of every node it sees.
+/// Whether a scope id (`{name}-{pid}-{n}`, see `Sandbox::scope`) belongs to a process that has
+/// ended. A live process's scope is never stale: on this shared sandbox it may be a benchmark
+/// or another engineer's test running right now.
+fn owner_ended(scope_id: &str) -> bool {
+    let mut parts = scope_id.rsplitn(3, '-');
+    let (_, pid) = (parts.next(), parts.next());
+    match pid.and_then(|p| p.parse::<u32>().ok()) {
+        Some(pid) => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        None => false,
+    }
+}
+
+/// Deletes nodes (and namespaces) left by an aborted earlier run of the tests or benchmarks
+/// (a process that has ended): the controller resumes unfinished drains of every node it sees.
 pub async fn remove_stale_nodes(client: &kube::Client) {
     let nodes: Api<Node> = Api::all(client.clone());
     let mine = format!("-{}-", std::process::id());
@@ -455,7 +467,7 @@ pub async fn remove_stale_nodes(client: &kube::Client) {
         // A benchmark's nodes carry drain records too; one it could not clean up would be
         // resumed by every controller the tests start.
         let ours = owner.starts_with(SCOPE_PREFIX) || owner.starts_with(BENCH_PREFIX);
-        if ours && !owner.contains(&mine) {
+        if ours && !owner.contains(&mine) && owner_ended(&owner) {
             let name = node.metadata.name.clone().unwrap_or_default();
             let _ = nodes.delete(&name, &DeleteParams::default()).await;
         }
@@ -469,7 +481,7 @@ pub async fn remove_stale_nodes(client: &kube::Client) {
     };
     for namespace in list.items {
         let name = namespace.metadata.name.clone().unwrap_or_default();
-        if name.starts_with(SCOPE_PREFIX) && !name.contains(&mine) {
+        if name.starts_with(SCOPE_PREFIX) && !name.contains(&mine) && owner_ended(&name) {
             let _ = namespaces.delete(&name, &DeleteParams::default()).await;
         }
     }
