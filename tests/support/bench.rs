@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::cgroup::Cgroup;
 use super::controller::{admin_get, instance_id, spot_body};
 use super::drain::{name_of, node_of, pdb};
-use super::{Scope, TEST_KEY, is_pod_ready};
+use super::{BENCH_NODE_LABEL, Scope, TEST_KEY, is_pod_ready};
 
 pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -525,6 +525,7 @@ pub fn kwok_node(scope: &Scope, name: &str, pods: usize, provider_id: Option<Str
                 "karpenter.sh/capacity-type": "spot",
                 "type": "kwok",
                 TEST_KEY: scope.id,
+                BENCH_NODE_LABEL: "true",
             },
             "annotations": {"kwok.x-k8s.io/node": "fake"},
         },

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::aws::free_port;
-use super::{Scope, TEST_KEY, var};
+use super::{BENCH_NODE_LABEL, Scope, TEST_KEY, var};
 
 /// Prefix of every scope name the controller tests use, so stale nodes of an earlier, aborted run
 /// can be recognised and removed.
@@ -287,6 +287,9 @@ impl Controller {
             }
         }
         command.args(launch.extra);
+        if !launch.extra.iter().any(|a| a.starts_with("--node-selector")) {
+            command.args(["--node-selector", &format!("!{BENCH_NODE_LABEL}")]);
+        }
         for (key, value) in launch.env {
             command.env(key, value);
         }

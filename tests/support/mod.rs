@@ -33,6 +33,10 @@ use serde_json::json;
 
 /// Label and taint key that mark a test's nodes; the value is the test id.
 pub const TEST_KEY: &str = "sandbox.nodedrain.io/test";
+/// Label of every benchmark node. The controllers the tests start leave such nodes alone
+/// (`--node-selector !sandbox.nodedrain.io/bench`): on the shared sandbox a test run beside a
+/// benchmark would otherwise resume the benchmark's drains from their records.
+pub const BENCH_NODE_LABEL: &str = "sandbox.nodedrain.io/bench";
 
 pub struct Sandbox {
     pub client: Client,
