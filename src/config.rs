@@ -185,6 +185,12 @@ pub struct BehaviourArgs {
     /// Karpenter replaces the capacity.
     #[arg(long, env = "NODEDRAIN_KARPENTER_HANDOFF", action = ArgAction::Set, default_value_t = true)]
     pub karpenter_handoff: bool,
+    /// Once EC2 reports an interrupted node's instance `shutting-down`, `terminated` or `stopped`
+    /// (checked from the deadline on), taint the node
+    /// `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`, so its pods are deleted and
+    /// their volumes detached without waiting for the dead kubelet. Never on a running instance.
+    #[arg(long, env = "NODEDRAIN_OUT_OF_SERVICE_TAINT", action = ArgAction::Set, default_value_t = false)]
+    pub out_of_service_taint: bool,
     /// Cluster drain policy file (namespace and label selectors to strategy and order).
     #[arg(long, env = "NODEDRAIN_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -315,6 +321,7 @@ pub struct Behaviour {
     pub deadline_margin: Duration,
     pub managed_tag: Option<ManagedTag>,
     pub karpenter_handoff: bool,
+    pub out_of_service_taint: bool,
     pub policy: Option<PathBuf>,
     /// Checked to parse; passed to the apiserver as written.
     pub node_selector: Option<String>,
@@ -616,6 +623,7 @@ impl ControllerArgs {
             deadline_margin: b.deadline_margin,
             managed_tag,
             karpenter_handoff: b.karpenter_handoff,
+            out_of_service_taint: b.out_of_service_taint,
             policy: b.policy.clone(),
             node_selector,
         })
@@ -849,6 +857,7 @@ mod tests {
         assert_eq!(b.deadline_margin, crate::drain::plan::DEFAULT_MARGIN);
         assert_eq!(b.managed_tag, None);
         assert!(b.karpenter_handoff);
+        assert!(!b.out_of_service_taint, "opt-in");
         assert_eq!(b.node_selector, None);
         assert_eq!(c.cordon_qps, 250.0);
         assert_eq!(c.admin_addr, "0.0.0.0:8080".parse().unwrap());
@@ -903,6 +912,7 @@ mod tests {
             "--managed-tag",
             "team=platform",
             "--karpenter-handoff=false",
+            "--out-of-service-taint=true",
             "--policy",
             "/etc/nodedrain/policy.yaml",
             "--log-format",
@@ -935,6 +945,7 @@ mod tests {
             Some(ManagedTag::parse("team=platform").unwrap())
         );
         assert!(!b.karpenter_handoff);
+        assert!(b.out_of_service_taint);
         assert_eq!(c.log_format, LogFormat::Json);
         let off = validate(&args(&["--leader-elect=false"])).unwrap();
         assert_eq!(off.lease, None);

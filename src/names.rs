@@ -43,6 +43,15 @@ pub const ANNOTATION_DRAIN_RECORD: &str = "nodedrain.io/drain";
 /// Read by the scheduler (effect NoSchedule) and by operators.
 pub const TAINT_INTERRUPTION: &str = "nodedrain.io/interruption";
 
+/// Kubernetes' non-graceful node shutdown taint (GA in 1.28): on a node that is not Ready it lets
+/// the pod garbage collector force-delete the node's terminating pods and the attach-detach
+/// controller detach their volumes at once, instead of after its 6-minute timeout. Set only once
+/// EC2 says the instance is gone (`--out-of-service-taint`).
+pub const TAINT_OUT_OF_SERVICE: &str = "node.kubernetes.io/out-of-service";
+/// The value Kubernetes' documentation and node-termination-handler use with
+/// [`TAINT_OUT_OF_SERVICE`]; the controllers read only the key and the effect.
+pub const TAINT_OUT_OF_SERVICE_VALUE: &str = "nodeshutdown";
+
 /// Well-known node label that cloud load balancer controllers read to take a node out of
 /// external load balancers before its pods stop.
 pub const LABEL_EXCLUDE_FROM_LB: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
@@ -89,4 +98,10 @@ pub mod reasons {
     /// An eviction the apiserver had approved (the pod is in its PDB's `disruptedPods`) never
     /// deleted the pod; nodedrain deleted it with the same grace so the budget is not held.
     pub const EVICTION_COMPLETED: &str = "EvictionCompleted";
+    /// EC2 reported the node's instance gone and nodedrain tainted the node
+    /// `node.kubernetes.io/out-of-service`, so its pods and volumes are released.
+    pub const OUT_OF_SERVICE: &str = "OutOfService";
+    /// The instance still ran when nodedrain stopped waiting for it to go: the node was not
+    /// marked out of service.
+    pub const OUT_OF_SERVICE_SKIPPED: &str = "OutOfServiceSkipped";
 }

@@ -464,6 +464,51 @@ fn release_patch(node: &Node) -> Option<Value> {
     Some(patch)
 }
 
+/// Whether the node carries [`names::TAINT_OUT_OF_SERVICE`] with effect NoExecute.
+pub fn is_out_of_service(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| {
+            taints
+                .iter()
+                .any(|t| t.key == names::TAINT_OUT_OF_SERVICE && t.effect == "NoExecute")
+        })
+}
+
+/// The merge patch adding `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`; `None`
+/// when the node has it. Carries the resourceVersion because `spec.taints` is replaced whole.
+/// Pure.
+fn out_of_service_patch(node: &Node) -> Option<Value> {
+    if is_out_of_service(node) {
+        return None;
+    }
+    let mut taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    taints.push(Taint {
+        key: names::TAINT_OUT_OF_SERVICE.to_string(),
+        value: Some(names::TAINT_OUT_OF_SERVICE_VALUE.to_string()),
+        effect: "NoExecute".to_string(),
+        time_added: None,
+    });
+    Some(json!({
+        "metadata": {"resourceVersion": node.metadata.resource_version},
+        "spec": {"taints": taints},
+    }))
+}
+
+/// Taints the node `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`. Only for a node
+/// whose instance EC2 reports gone: every pod without a matching toleration is evicted at once.
+/// Returns the node as written, or `None` when it had the taint already.
+pub async fn mark_out_of_service(api: &Api<Node>, name: &str) -> Result<Option<Node>, NodeError> {
+    patch_with_retry(api, name, None, |node| Ok(out_of_service_patch(node)))
+        .await
+        .map(|(node, written)| written.then_some(node))
+}
+
 fn patch_params() -> PatchParams {
     PatchParams {
         field_manager: Some(names::FIELD_MANAGER.to_string()),
@@ -705,6 +750,34 @@ mod tests {
         let mut value = serde_json::to_value(node).unwrap();
         merge(&mut value, patch);
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn out_of_service_taint_is_added_once_and_keeps_other_taints() {
+        let before = node(
+            vec![taint(names::TAINT_INTERRUPTION, "spot-interruption")],
+            &[],
+        );
+        assert!(!is_out_of_service(&before));
+        let patch = out_of_service_patch(&before).expect("a patch");
+        assert_eq!(patch["metadata"]["resourceVersion"], json!("42"));
+        let after = apply(&before, &patch);
+        assert!(is_out_of_service(&after));
+        let taints = after.spec.unwrap().taints.unwrap();
+        assert_eq!(taints.len(), 2, "{taints:?}");
+        assert_eq!(taints[0].key, names::TAINT_INTERRUPTION);
+        assert_eq!(taints[1].value.as_deref(), Some("nodeshutdown"));
+        assert_eq!(taints[1].effect, "NoExecute");
+    }
+
+    #[test]
+    fn out_of_service_taint_already_there_writes_nothing() {
+        let mut present = taint(names::TAINT_OUT_OF_SERVICE, "anything");
+        present.effect = "NoExecute".into();
+        assert_eq!(out_of_service_patch(&node(vec![present], &[])), None);
+        // The same key with another effect is not the controllers' signal: added beside it.
+        let no_schedule = taint(names::TAINT_OUT_OF_SERVICE, "nodeshutdown");
+        assert!(out_of_service_patch(&node(vec![no_schedule], &[])).is_some());
     }
 
     #[test]

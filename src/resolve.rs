@@ -243,6 +243,8 @@ pub struct InstanceInfo {
     pub private_dns_name: Option<String>,
     pub private_ip: Option<String>,
     pub tags: Vec<(String, String)>,
+    /// `pending`, `running`, `shutting-down`, `terminated`, `stopping` or `stopped`.
+    pub state: Option<String>,
 }
 
 impl InstanceInfo {
@@ -564,6 +566,20 @@ impl Resolver {
         cache.insert(instance_id.to_string(), (managed, now));
     }
 
+    /// EC2's state name of each instance in `ids` that DescribeInstances still lists; EC2 stops
+    /// listing a terminated instance about an hour after it ended, so a missing id is gone too.
+    pub async fn instance_states(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Option<String>>, ResolveError> {
+        Ok(self
+            .describe(ids)
+            .await?
+            .into_iter()
+            .map(|(id, info)| (id, info.state))
+            .collect())
+    }
+
     /// DescribeInstances by an `instance-id` filter rather than `InstanceIds`: with ids, one
     /// unknown id fails the whole call (InvalidInstanceID.NotFound); a filter just omits it.
     async fn describe(&self, ids: &[&str]) -> Result<HashMap<String, InstanceInfo>, ResolveError> {
@@ -599,6 +615,10 @@ impl Resolver {
                                     Some((t.key()?.to_string(), t.value()?.to_string()))
                                 })
                                 .collect(),
+                            state: instance
+                                .state()
+                                .and_then(|s| s.name())
+                                .map(|n| n.as_str().to_string()),
                         },
                     );
                 }
@@ -723,6 +743,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            state: Some("running".into()),
         }
     }
 

@@ -40,6 +40,7 @@ interruptions:
   deadlineMargin: 15s
   managedTag: kubernetes.io/cluster/prod=owned
   nodeSelector: "karpenter.sh/capacity-type=spot,team notin (batch)"
+  outOfServiceTaint: true
 karpenter:
   handoff: false
 policy:
@@ -298,6 +299,7 @@ fn defaults_render_a_least_privilege_ha_controller() {
         ("NODEDRAIN_NODE_NOT_FOUND", "delete"),
         ("NODEDRAIN_ASG_DRAIN_TIMEOUT", "10m"),
         ("NODEDRAIN_DEADLINE_MARGIN", "10s"),
+        ("NODEDRAIN_OUT_OF_SERVICE_TAINT", "false"),
         ("NODEDRAIN_KARPENTER_HANDOFF", "true"),
         ("NODEDRAIN_POLICY", "/etc/nodedrain/policy/policy.yaml"),
         ("NODEDRAIN_QPS", "100"),
@@ -493,6 +495,7 @@ fn every_option_renders_where_it_belongs() {
             "NODEDRAIN_NODE_SELECTOR",
             "karpenter.sh/capacity-type=spot,team notin (batch)",
         ),
+        ("NODEDRAIN_OUT_OF_SERVICE_TAINT", "true"),
         ("NODEDRAIN_KARPENTER_HANDOFF", "false"),
         ("NODEDRAIN_QPS", "250.5"),
         ("NODEDRAIN_CORDON_QPS", "400"),

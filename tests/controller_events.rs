@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::aws::{Moto, create_queue, depth, free_port, sdk_config, send, wait_empty};
@@ -22,8 +23,9 @@ use support::controller::{
     Controller, LB_LABEL, Launch, Recorded, asg_eventbridge_body, autoscaling_recorder,
     capacity_reservation_body, complete_lifecycle_actions, create_node_claim, ensure_nodeclaim_crd,
     event_id, fixture, get_node, has_label, instance_id, interruption_taint, node_claims,
-    non_daemonset_pods, phase, rebalance_body, record, report, setup, sns_asg_body, sns_spot_body,
-    spot_body, sqs, state_change_body, unschedulable, victim_with_pods, wait_node,
+    node_event_count, non_daemonset_pods, phase, rebalance_body, record, report, setup,
+    sns_asg_body, sns_spot_body, spot_body, sqs, state_change_body, unschedulable,
+    victim_with_pods, wait_node,
 };
 use support::drain::{deployment, eventually, name_of, on_node, wait_schedulable, watch_ready};
 use support::{Scope, ready_pods};
@@ -181,6 +183,162 @@ async fn state_change_running_is_ignored_and_stopping_drains() {
     drop(controller);
     scope.cleanup().await;
     report("state", started);
+}
+
+fn out_of_service(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| {
+            taints.iter().any(|t| {
+                t.key == "node.kubernetes.io/out-of-service"
+                    && t.value.as_deref() == Some("nodeshutdown")
+                    && t.effect == "NoExecute"
+            })
+        })
+}
+
+/// A StatefulSet `name` of one replica whose pod the drain leaves where it is (`strategy: skip`):
+/// only the out-of-service taint moves it.
+async fn skipped_stateful_set(scope: &Scope, name: &str) {
+    let mut spec = scope.pod_spec(1);
+    spec["containers"][0]["name"] = json!(name);
+    let object: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "serviceName": name,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": name},
+                    "annotations": {"nodedrain.io/strategy": "skip"},
+                },
+                "spec": spec,
+            },
+        }
+    }))
+    .unwrap();
+    scope
+        .api::<StatefulSet>()
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create statefulset");
+    ready_pods(
+        &scope.pods(),
+        &format!("app={name}"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_service_taint_only_once_ec2_says_the_instance_is_gone() {
+    let _serial = LOCK.lock().await;
+    let started = Instant::now();
+    let (_sandbox, scope) = setup("oos").await;
+    let sqs = sqs().await;
+    let queue = create_queue(&sqs, "ctl-oos", &[]).await;
+    // gone: its instance is terminated; alive: a late `stopped` event for an instance that runs;
+    // spare: takes the StatefulSet's replacement.
+    let nodes = scope.nodes(3).await;
+    let gone = name_of(&nodes[0]);
+    let alive = name_of(&nodes[1]);
+    on_node(&scope, &nodes, &gone, || skipped_stateful_set(&scope, "db")).await;
+    wait_schedulable(&scope, &nodes).await;
+    let db = scope.pods().get("db-0").await.expect("db-0");
+    assert_eq!(on_node_name(&db), Some(gone.clone()));
+    let db_uid = db.metadata.uid.clone().unwrap();
+
+    let mut controller = start("oos", &queue, &["--out-of-service-taint=true"], &[]).await;
+
+    // EC2 still says running: the event is not enough.
+    send(
+        &sqs,
+        &queue,
+        &state_change_body(
+            &event_id("alive"),
+            &instance_id(&nodes[1]),
+            "stopped",
+            now_seconds(),
+        ),
+    )
+    .await;
+    // What AWS does: the instance is terminated, then its state-change event arrives.
+    let ec2 = aws_sdk_ec2::Client::new(&scope.aws);
+    ec2.terminate_instances()
+        .instance_ids(instance_id(&nodes[0]))
+        .send()
+        .await
+        .expect("terminate the instance");
+    send(
+        &sqs,
+        &queue,
+        &state_change_body(
+            &event_id("gone"),
+            &instance_id(&nodes[0]),
+            "terminated",
+            now_seconds(),
+        ),
+    )
+    .await;
+
+    wait_node(
+        &scope,
+        &gone,
+        Duration::from_secs(60),
+        "out of service",
+        out_of_service,
+    )
+    .await;
+    // The taint, not the drain (which skips it), moved the StatefulSet's pod: a new db-0
+    // elsewhere.
+    let client = scope.client.clone();
+    let pods = scope.pods();
+    eventually(
+        Duration::from_secs(60),
+        "db-0 recreated on another node",
+        || {
+            let pods = pods.clone();
+            let gone = gone.clone();
+            let db_uid = db_uid.clone();
+            async move {
+                match pods.get_opt("db-0").await {
+                    Ok(Some(pod)) => {
+                        pod.metadata.uid.as_deref() != Some(db_uid.as_str())
+                            && on_node_name(&pod).is_some_and(|n| n != gone)
+                    }
+                    _ => false,
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(node_event_count(&client, &gone, "OutOfService").await, 1);
+
+    // The alive node was drained and checked in the same rounds as the gone one, and after.
+    wait_phase(&scope, &alive, "drained").await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let node = get_node(&scope, &alive).await;
+    assert!(
+        !out_of_service(&node),
+        "a node whose instance runs is never marked out of service"
+    );
+    assert_eq!(node_event_count(&client, &alive, "OutOfService").await, 0);
+    controller.assert_running();
+
+    drop(controller);
+    let _ = scope
+        .api::<StatefulSet>()
+        .delete("db", &DeleteParams::default())
+        .await;
+    scope.cleanup().await;
+    report("oos", started);
+}
+
+fn on_node_name(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref().and_then(|s| s.node_name.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use prometheus_client::registry::Registry;
@@ -35,7 +36,8 @@ use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, PolicyError};
 use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
 use crate::handoff::Handoff;
-use crate::interruption::events::{Interruption, InterruptionKind};
+use crate::handoff::out_of_service::{GIVE_UP_AFTER, OutOfService};
+use crate::interruption::events::{Interruption, InterruptionKind, instance_id_from_provider_id};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
@@ -90,6 +92,8 @@ struct Shared {
     resolver: Resolver,
     watch: NodeWatch,
     handoff: Handoff,
+    /// Present with `--out-of-service-taint`.
+    out_of_service: Option<OutOfService>,
     metrics: Metrics,
     notifier: Notifier,
     config: ControllerConfig,
@@ -161,13 +165,26 @@ pub async fn run(
         .as_ref()
         .map(|l| l.identity.clone())
         .unwrap_or_else(|| names::FIELD_MANAGER.to_string());
-    let drainer = Drainer::new(
-        client.clone(),
-        DrainConfig {
-            reporting_instance: Some(identity),
-            ..DrainConfig::default()
-        },
-    );
+    let drain_config = DrainConfig {
+        reporting_instance: Some(identity),
+        ..DrainConfig::default()
+    };
+    // Runs for the life of the process; only a leader registers nodes with it.
+    let (out_of_service, out_of_service_task) = if config.behaviour.out_of_service_taint {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: drain_config.reporter.clone(),
+                instance: drain_config.reporting_instance.clone(),
+            },
+        );
+        let (handle, task) =
+            OutOfService::start(nodes.clone(), resolver.clone(), recorder, shutdown.clone());
+        (Some(handle), Some(task))
+    } else {
+        (None, None)
+    };
+    let drainer = Drainer::new(client.clone(), drain_config);
 
     // Without leader election this replica always leads; the sender lives as long as `run`, so
     // the receiver never reports a closed channel.
@@ -195,6 +212,7 @@ pub async fn run(
         nodes,
         cordon_nodes: Api::all(cordon_client),
         handoff: Handoff::new(client, aws_sdk_autoscaling::Client::new(&aws)),
+        out_of_service,
         drainer,
         resolver,
         watch: node_watch,
@@ -216,6 +234,9 @@ pub async fn run(
         let _ = task.await;
     }
     if let Some(task) = elector_task {
+        let _ = task.await;
+    }
+    if let Some(task) = out_of_service_task {
         let _ = task.await;
     }
     let _ = admin_task.await;
@@ -293,6 +314,9 @@ async fn lead_while_elected(
             }
         }
         term.cancel();
+        if let Some(out_of_service) = &shared.out_of_service {
+            out_of_service.clear();
+        }
         let _ = intake_task.await;
         let _ = sweeper.await;
         let _ = starter.await;
@@ -637,6 +661,12 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
         if record.kind == DrainKind::Manual {
             continue;
         }
+        // A finished drain may still wait for its instance to go.
+        if let Some(deadline) = record.deadline
+            && Timestamp::now() < deadline.saturating_add(GIVE_UP_AFTER).unwrap_or(deadline)
+        {
+            watch_out_of_service(shared, &node, &record, deadline);
+        }
         let unfinished = match record.phase {
             Phase::Cordoned | Phase::Draining => true,
             // Drained but not handed over: only the handoff is left, which the drain task does
@@ -670,6 +700,11 @@ async fn drain_and_hand_over(
         Origin::Fresh => started_notice,
     });
     let started = Instant::now();
+    if let Some(deadline) = record.deadline
+        && let Some(node) = shared.watch.store().get(&ObjectRef::new(name))
+    {
+        watch_out_of_service(shared, &node, &record, deadline);
+    }
     let kind = record.kind.interruption();
     let handover = kind != Some(InterruptionKind::RebalanceRecommendation)
         || shared.config.behaviour.rebalance == RebalanceMode::DrainAndHandover;
@@ -764,6 +799,37 @@ async fn drain_and_hand_over(
         .handoff
         .hand_over(name, node.as_deref(), &record, karpenter)
         .await;
+    // Handed over (an Auto Scaling hook completed, a spot node emptied early): the instance may
+    // go before the deadline, so its checks begin now.
+    if let Some(node) = &node {
+        watch_out_of_service(shared, node, &record, Timestamp::now());
+    }
+}
+
+/// Registers `node` for the out-of-service taint, checked from `from` on, when the flag is on
+/// and the drain is one whose instance is going away.
+fn watch_out_of_service(shared: &Shared, node: &Node, record: &DrainRecord, from: Timestamp) {
+    let Some(out_of_service) = &shared.out_of_service else {
+        return;
+    };
+    // A rebalance recommendation or a voluntary drain leaves a running instance behind.
+    if record.voluntary || record.kind == DrainKind::Manual {
+        return;
+    }
+    if node::is_out_of_service(node) {
+        return;
+    }
+    let instance = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.provider_id.as_deref())
+        .and_then(instance_id_from_provider_id);
+    match instance {
+        Some(instance) => out_of_service.watch(&node.name_any(), instance, from),
+        None => {
+            warn!(node = %node.name_any(), "no EC2 instance id in the node's providerID: it cannot be marked out of service")
+        }
+    }
 }
 
 fn drain_result(report: &DrainReport) -> DrainResult {

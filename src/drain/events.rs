@@ -86,6 +86,42 @@ impl DrainEvent {
         DrainEvent::new(node, Severity::Warning, names::reasons::DRAIN_FAILED, why)
     }
 
+    /// EC2 reported the instance gone and the node was tainted out of service.
+    pub fn out_of_service(node: ObjectReference, instance_id: &str, state: Option<&str>) -> Self {
+        let state = state.unwrap_or("no longer listed");
+        DrainEvent::new(
+            node,
+            Severity::Normal,
+            names::reasons::OUT_OF_SERVICE,
+            format!(
+                "Instance {instance_id} is {state}: tainted {}={}:NoExecute so the node's pods \
+                 are deleted and their volumes detached without waiting for the kubelet",
+                names::TAINT_OUT_OF_SERVICE,
+                names::TAINT_OUT_OF_SERVICE_VALUE
+            ),
+        )
+    }
+
+    /// The instance still ran when nodedrain stopped waiting for it to go.
+    pub fn out_of_service_skipped(
+        node: ObjectReference,
+        instance_id: &str,
+        state: &str,
+        waited: &str,
+    ) -> Self {
+        DrainEvent::new(
+            node,
+            Severity::Warning,
+            names::reasons::OUT_OF_SERVICE_SKIPPED,
+            format!(
+                "Instance {instance_id} is still {state} {waited} after the drain's deadline: \
+                 the node is not tainted {}; a node whose instance runs is never marked out of \
+                 service",
+                names::TAINT_OUT_OF_SERVICE
+            ),
+        )
+    }
+
     /// An annotation (or another planner warning) on the pod could not be honoured.
     pub fn invalid_annotation(pod: ObjectReference, note: String) -> Self {
         DrainEvent::new(

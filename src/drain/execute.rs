@@ -550,7 +550,7 @@ impl Drainer {
 }
 
 /// A reference to a node by name, for a caller that has no copy of it.
-fn node_reference(name: &str) -> ObjectReference {
+pub(crate) fn node_reference(name: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".to_string()),
         kind: Some("Node".to_string()),
@@ -957,7 +957,7 @@ impl Engine {
 }
 
 /// Publishes one Event; a refused Event never fails a drain.
-async fn publish(recorder: Recorder, event: DrainEvent) {
+pub(crate) async fn publish(recorder: Recorder, event: DrainEvent) {
     let kube_event = KubeEvent {
         type_: match event.severity {
             Severity::Normal => EventType::Normal,

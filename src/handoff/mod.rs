@@ -1,7 +1,10 @@
 //! The last step of a drain: handing the node to whoever ends the instance. An Auto Scaling
 //! terminate hook is kept alive while the drain runs and completed when it ends; a Karpenter
 //! NodeClaim is deleted once the node is empty, so the replacement capacity comes now rather than
-//! after the instance is gone. The record then says `handedOver`.
+//! after the instance is gone. The record then says `handedOver`. Once EC2 says the instance is
+//! gone, [`out_of_service`] may taint the node so its pods and volumes are released.
+
+pub mod out_of_service;
 
 use std::time::Duration;
 
