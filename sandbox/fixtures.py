@@ -9,6 +9,9 @@ Runs with the moto virtualenv's python (boto3 comes with moto) and the sandbox's
   nodes --count N [--prefix P]      N instances in moto (spot and on-demand, some in an Auto
                                     Scaling group, some Karpenter-managed) and one KWOK node each
   workloads [--namespace NS]        the standard workload mix (see WORKLOADS below)
+  load-balancers [--namespace NS]   an NLB with instance targets on a host port (edge-proxy), an
+                                    ALB target group in IP mode for `web` behind a
+                                    TargetGroupBinding, and the TargetGroupBinding CRD
 """
 
 import argparse
@@ -18,6 +21,7 @@ import subprocess
 import sys
 
 import boto3
+from botocore.exceptions import ClientError
 
 REGION = os.environ.get("AWS_REGION", "us-east-1")
 ZONES = [f"{REGION}a", f"{REGION}b", f"{REGION}c"]
@@ -349,6 +353,179 @@ def cmd_workloads(args):
     print(f"workload mix applied in namespace {args.namespace}")
 
 
+# Load balancers (issue 16): the two ways traffic reaches pods through ELBv2 that a drain has to
+# wait for. sandbox/moto/elbv2_health.py makes their targets' health behave as on AWS.
+#
+# - edge: an NLB managed outside Kubernetes (as with Terraform) whose target group holds the
+#   instances of the nodes that run the edge-proxy reverse proxy on host port 30080. Draining such
+#   a node must wait for its instance target, since the proxy pod is the backend.
+# - web: an ALB target group in IP mode holding the `web` pods' IPs, bound to the `web` Service by
+#   a TargetGroupBinding, as the AWS Load Balancer Controller does. The sandbox runs no controller:
+#   the fixture registers the pods it finds, and nothing follows them when they move.
+EDGE_PORT = 30080
+EDGE_NAME = "nodedrain-edge"
+WEB_NAME = "nodedrain-web"
+CRD_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crds",
+                        "targetgroupbindings.yaml")
+# Health checks pass after interval x healthy threshold = 30 s (elbv2_health.py), so the targets
+# are healthy soon after `sandbox up`; AWS's defaults (30 s x 5) would take 150 s.
+HEALTH_CHECK = {"HealthCheckIntervalSeconds": 10, "HealthCheckTimeoutSeconds": 5,
+                "HealthyThresholdCount": 3}
+# The NLB drains in 30 s, within a spot warning; the ALB group keeps AWS's default of 300 s, longer
+# than a spot warning leaves, which is what `nodedrain plan` and `audit` must point out.
+EDGE_DEREGISTRATION_DELAY = "30"
+
+
+def edge_proxy_objects(namespace, prefix, replicas):
+    """A reverse proxy on a host port, one per node (the port allows no second one), only on the
+    fixture's nodes (tests' and benchmarks' nodes carry their own taints and labels)."""
+    app = "edge-proxy"
+    container = {
+        "name": app,
+        "image": f"registry.example/{app}:1.0",
+        "ports": [{"containerPort": 8080, "hostPort": EDGE_PORT}],
+        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 5},
+        # The usual workaround this project replaces: sleep while the NLB stops sending.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 20}}},
+    }
+    return [{
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": app, "namespace": namespace, "labels": {"app": app}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": app}},
+            "template": {
+                "metadata": {"labels": {"app": app}},
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 30,
+                         "nodeSelector": {FIXTURE_LABEL: prefix}},
+            },
+        },
+    }]
+
+
+def target_group_binding(namespace, service, port, arn):
+    return {
+        "apiVersion": "elbv2.k8s.aws/v1beta1", "kind": "TargetGroupBinding",
+        "metadata": {"name": service, "namespace": namespace,
+                     "labels": {FIXTURE_LABEL: "load-balancers"}},
+        "spec": {"serviceRef": {"name": service, "port": port}, "targetGroupARN": arn,
+                 "targetType": "ip", "targetGroupProtocol": "HTTP"},
+    }
+
+
+def _not_found(error):
+    return error.response["Error"]["Code"] in (
+        "LoadBalancerNotFound", "TargetGroupNotFound", "LoadBalancerNotFoundException",
+        "TargetGroupNotFoundException")
+
+
+def ensure_target_group(elb, name, vpc_id, **kwargs):
+    try:
+        return elb.describe_target_groups(Names=[name])["TargetGroups"][0]["TargetGroupArn"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+    return elb.create_target_group(
+        Name=name, VpcId=vpc_id, **HEALTH_CHECK, **kwargs,
+        Tags=[{"Key": f"kubernetes.io/cluster/{CLUSTER}", "Value": "owned"},
+              {"Key": FIXTURE_LABEL, "Value": name}],
+    )["TargetGroups"][0]["TargetGroupArn"]
+
+
+def ensure_load_balancer(elb, name, kind, subnets, protocol, port, target_group_arn):
+    """A load balancer whose listener forwards to the group: only then does the group receive
+    traffic, and its targets leave `unused` for `initial`."""
+    try:
+        arn = elb.describe_load_balancers(Names=[name])["LoadBalancers"][0]["LoadBalancerArn"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+        arn = elb.create_load_balancer(
+            Name=name, Type=kind, Scheme="internal", Subnets=subnets,
+            Tags=[{"Key": f"kubernetes.io/cluster/{CLUSTER}", "Value": "owned"}],
+        )["LoadBalancers"][0]["LoadBalancerArn"]
+    if not elb.describe_listeners(LoadBalancerArn=arn)["Listeners"]:
+        elb.create_listener(LoadBalancerArn=arn, Protocol=protocol, Port=port,
+                            DefaultActions=[{"Type": "forward",
+                                             "TargetGroupArn": target_group_arn}])
+    return arn
+
+
+def sync_targets(elb, target_group_arn, wanted):
+    """Makes the group's targets the (id, port) pairs in wanted: new ones are registered, ones no
+    longer wanted deregistered (they drain), as the controller does for a TargetGroupBinding."""
+    current = {
+        (d["Target"]["Id"], d["Target"]["Port"])
+        for d in elb.describe_target_health(TargetGroupArn=target_group_arn)[
+            "TargetHealthDescriptions"]
+        if d["TargetHealth"]["State"] != "draining"
+    }
+    wanted = set(wanted)
+    if wanted - current:
+        elb.register_targets(TargetGroupArn=target_group_arn,
+                             Targets=[{"Id": i, "Port": p} for i, p in sorted(wanted - current)])
+    if current - wanted:
+        elb.deregister_targets(TargetGroupArn=target_group_arn,
+                               Targets=[{"Id": i, "Port": p} for i, p in sorted(current - wanted)])
+
+
+def setup_load_balancers(ec2, elb, edge_instances, web_ips):
+    """The AWS side: both load balancers, their groups and targets. Idempotent; returns the
+    groups' ARNs."""
+    subnets = subnets_by_zone(ec2)
+    vpc_id = ec2.describe_subnets(SubnetIds=list(subnets.values()))["Subnets"][0]["VpcId"]
+    edge = ensure_target_group(
+        elb, EDGE_NAME, vpc_id, Protocol="TCP", Port=EDGE_PORT, TargetType="instance",
+        HealthCheckProtocol="TCP")
+    elb.modify_target_group_attributes(
+        TargetGroupArn=edge,
+        Attributes=[{"Key": "deregistration_delay.timeout_seconds",
+                     "Value": EDGE_DEREGISTRATION_DELAY}])
+    ensure_load_balancer(elb, EDGE_NAME, "network", list(subnets.values()), "TCP", 80, edge)
+    sync_targets(elb, edge, [(i, EDGE_PORT) for i in edge_instances])
+    web = ensure_target_group(
+        elb, WEB_NAME, vpc_id, Protocol="HTTP", Port=8080, TargetType="ip",
+        HealthCheckProtocol="HTTP", HealthCheckPath="/ready")
+    ensure_load_balancer(elb, WEB_NAME, "application", list(subnets.values()), "HTTP", 80, web)
+    sync_targets(elb, web, [(ip, 8080) for ip in web_ips])
+    return {"edge": edge, "web": web}
+
+
+def serving_pods(namespace, app):
+    pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", f"app={app}",
+                              "-o", "json"))["items"]
+    return [p for p in pods
+            if not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP")
+            and p["spec"].get("nodeName")]
+
+
+def cmd_load_balancers(args):
+    # One proxy per node at most (the host port), so never more replicas than fixture nodes.
+    nodes = json.loads(kubectl("get", "nodes", "-l", f"{FIXTURE_LABEL}={args.prefix}",
+                               "-o", "json"))["items"]
+    objects = edge_proxy_objects(args.namespace, args.prefix,
+                                 max(1, min(args.edge_replicas, len(nodes))))
+    kubectl("apply", "--server-side", "--field-manager=sandbox-fixtures", "-f", CRD_FILE)
+    apply(objects)
+    kubectl("wait", "--for=condition=Established",
+            "crd/targetgroupbindings.elbv2.k8s.aws", "--timeout=60s")
+    kubectl("wait", "--for=condition=Available", "deployment/edge-proxy",
+            "-n", args.namespace, "--timeout=120s")
+    # Instance targets: the nodes that run the proxy, by the instance id in their providerID
+    # (aws:///<zone>/<instance-id>, as `nodes` writes it).
+    nodes = {p["spec"]["nodeName"] for p in serving_pods(args.namespace, "edge-proxy")}
+    edge_instances = []
+    for name in sorted(nodes):
+        node = json.loads(kubectl("get", "node", name, "-o", "json"))
+        edge_instances.append(node["spec"]["providerID"].rsplit("/", 1)[-1])
+    web_ips = sorted(p["status"]["podIP"] for p in serving_pods(args.namespace, "web"))
+    arns = setup_load_balancers(aws("ec2"), aws("elbv2"), edge_instances, web_ips)
+    apply([target_group_binding(args.namespace, "web", 80, arns["web"])])
+    print(f"load balancers: {EDGE_NAME} (NLB, {len(edge_instances)} instance targets on port "
+          f"{EDGE_PORT}), {WEB_NAME} (ALB, {len(web_ips)} IP targets of web, TargetGroupBinding "
+          f"{args.namespace}/web)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,8 +540,13 @@ def main():
     workloads = sub.add_parser("workloads")
     workloads.add_argument("--namespace", default="shop")
     workloads.add_argument("--no-wait", dest="wait", action="store_false")
+    balancers = sub.add_parser("load-balancers")
+    balancers.add_argument("--namespace", default="shop")
+    balancers.add_argument("--prefix", default="fixture")
+    balancers.add_argument("--edge-replicas", type=int, default=2)
     args = parser.parse_args()
-    {"aws-setup": cmd_aws_setup, "nodes": cmd_nodes, "workloads": cmd_workloads}[args.command](args)
+    {"aws-setup": cmd_aws_setup, "nodes": cmd_nodes, "workloads": cmd_workloads,
+     "load-balancers": cmd_load_balancers}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""moto's server, with two speed fixes to its SQS backend that keep its answers the same.
+"""moto's server, with two speed fixes to its SQS backend that keep its answers the same, and
+ELBv2 target health modelled on AWS's (elbv2_health.py; moto reports targets healthy and gone at
+once, which would make every load-balancer wait of a drain trivial).
 
 moto 5.2.5 scans the whole queue more often than it needs to, and slowly:
 - ReceiveMessage checks every message it returns against the queue's retention period by
@@ -16,6 +18,8 @@ import sys
 import time
 
 import moto.sqs.models as sqs_models
+
+import elbv2_health
 
 _unix_time_of = sqs_models.unix_time
 
@@ -37,6 +41,8 @@ def _within_retention_period(self, queue_name, message):
 sqs_models.unix_time = _unix_time
 sqs_models.unix_time_millis = _unix_time_millis
 sqs_models.SQSBackend.is_message_valid_based_on_retention_period = _within_retention_period
+
+elbv2_health.install()
 
 
 def _name_process(name):
