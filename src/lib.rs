@@ -14,6 +14,7 @@ pub mod drain;
 pub mod handoff;
 pub mod interruption;
 pub mod kube_client;
+pub mod lb;
 pub mod metrics;
 pub mod names;
 pub mod node;
