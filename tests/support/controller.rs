@@ -287,7 +287,11 @@ impl Controller {
             }
         }
         command.args(launch.extra);
-        if !launch.extra.iter().any(|a| a.starts_with("--node-selector")) {
+        if !launch
+            .extra
+            .iter()
+            .any(|a| a.starts_with("--node-selector"))
+        {
             command.args(["--node-selector", &format!("!{BENCH_NODE_LABEL}")]);
         }
         for (key, value) in launch.env {
