@@ -84,17 +84,7 @@ async fn network(aws: &Aws) -> (String, Vec<String>) {
 }
 
 async fn instances(aws: &Aws, subnet: &str, count: i32) -> Vec<String> {
-    let image = aws
-        .ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("describe images")
-        .images
-        .and_then(|i| i.into_iter().next())
-        .and_then(|i| i.image_id)
-        .expect("moto has an image");
+    let image = support::moto_image(&aws.ec2).await;
     aws.ec2
         .run_instances()
         .image_id(image)
@@ -253,6 +243,20 @@ async fn wait_until(
     }
 }
 
+/// Waits until `target` has left the group, and checks it stayed for the whole deregistration
+/// delay counted from `since`.
+async fn wait_gone(aws: &Aws, group: &str, target: &str, since: Instant, what: &str) {
+    let gone = wait_until(aws, group, since + DELAY, &format!("{what} gone"), |all| {
+        of(all, target).is_none()
+    })
+    .await;
+    assert!(
+        gone - since >= DELAY,
+        "{what} gone after {:?}, before the deregistration delay of {DELAY:?}",
+        gone - since
+    );
+}
+
 /// Sleeps until `at`, if it is still ahead.
 async fn sleep_until(at: Instant) {
     tokio::time::sleep(at.saturating_duration_since(Instant::now())).await;
@@ -374,19 +378,14 @@ async fn targets_register_through_initial_and_drain_for_the_deregistration_delay
         TargetHealthStateEnum::Draining,
         Some("Target.DeregistrationInProgress"),
     );
-    let gone = wait_until(
+    wait_gone(
         &aws,
         &group,
-        deregistering + DELAY,
-        "deregistered target gone",
-        |all| of(all, deregistered).is_none(),
+        deregistered,
+        deregistering,
+        "deregistered target",
     )
     .await;
-    assert!(
-        gone - deregistering >= DELAY,
-        "gone after {:?}, before the deregistration delay of {DELAY:?}",
-        gone - deregistering
-    );
     // Asked for by id, a target that left the group is reported as not registered.
     assert_state(
         &health(&aws, &group, &[deregistered]).await,
@@ -411,19 +410,14 @@ async fn targets_register_through_initial_and_drain_for_the_deregistration_delay
         Some("Target.DeregistrationInProgress"),
     );
     assert_state(&all, kept, TargetHealthStateEnum::Healthy, None);
-    let gone = wait_until(
+    wait_gone(
         &aws,
         &group,
-        terminating + DELAY,
-        "terminated instance's target gone",
-        |all| of(all, terminated).is_none(),
+        terminated,
+        terminating,
+        "terminated instance's target",
     )
     .await;
-    assert!(
-        gone - terminating >= DELAY,
-        "gone after {:?}, before the deregistration delay of {DELAY:?}",
-        gone - terminating
-    );
     let all = health(&aws, &group, &[]).await;
     assert_eq!(all.len(), 1, "only the kept target remains: {all:?}");
     assert_state(&all, kept, TargetHealthStateEnum::Healthy, None);

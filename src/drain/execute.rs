@@ -974,14 +974,14 @@ pub(crate) async fn publish(recorder: Recorder, event: DrainEvent) {
 }
 
 /// The tokio instant at which the wall-clock moment `at` comes.
-fn sleep_deadline(at: Timestamp) -> tokio::time::Instant {
+pub(crate) fn sleep_deadline(at: Timestamp) -> tokio::time::Instant {
     let ahead = at.duration_since(Timestamp::now());
     let ahead = Duration::try_from(ahead).unwrap_or(Duration::ZERO);
     // A moment further than a day is no moment worth waking for; it also keeps the sum finite.
     tokio::time::Instant::now() + ahead.min(Duration::from_secs(86_400))
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

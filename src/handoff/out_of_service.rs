@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::drain::events::DrainEvent;
-use crate::drain::execute::{node_reference, publish};
+use crate::drain::execute::{node_reference, publish, sleep_deadline, sleep_until};
 use crate::node::{self, NodeError};
 use crate::resolve::Resolver;
 
@@ -313,19 +313,6 @@ async fn run(
                 }
             }
         }
-    }
-}
-
-/// The tokio instant at which the wall-clock moment `at` comes (now, if it is past).
-fn sleep_deadline(at: Timestamp) -> tokio::time::Instant {
-    let ahead = Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
-    tokio::time::Instant::now() + ahead.min(GIVE_UP_AFTER)
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

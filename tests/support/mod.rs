@@ -177,16 +177,7 @@ impl Scope {
     /// instance's private DNS name like EKS nodes; waits until they are Ready.
     pub async fn nodes(&self, count: usize) -> Vec<Node> {
         let ec2 = aws_sdk_ec2::Client::new(&self.aws);
-        let image = ec2
-            .describe_images()
-            .owners("amazon")
-            .send()
-            .await
-            .expect("describe images")
-            .images
-            .and_then(|i| i.into_iter().next())
-            .and_then(|i| i.image_id)
-            .expect("moto has an image");
+        let image = moto_image(&ec2).await;
         let run = ec2
             .run_instances()
             .image_id(image)
@@ -281,6 +272,19 @@ impl Scope {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let _ = namespaces.delete(&self.id, &DeleteParams::default()).await;
     }
+}
+
+/// An image id moto serves, for RunInstances.
+pub async fn moto_image(ec2: &aws_sdk_ec2::Client) -> String {
+    ec2.describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("describe images")
+        .images
+        .and_then(|i| i.into_iter().next())
+        .and_then(|i| i.image_id)
+        .expect("moto has an image")
 }
 
 pub fn is_node_ready() -> impl Condition<Node> {
