@@ -157,7 +157,7 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
     let elb = elbv2::Client::new(aws);
     let vpc = ec2
         .create_vpc()
-        .cidr_block("10.0.0.0/8")
+        .cidr_block("10.0.0.0/16")
         .send()
         .await
         .expect("create vpc")
