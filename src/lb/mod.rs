@@ -10,5 +10,6 @@
 //! Discovery (TargetGroupBindings, configured groups), `DescribeTargetHealth` and
 //! `DeregisterTargets` are I/O and live at the edge; this module only decides.
 
+pub mod discover;
 pub mod targets;
 pub mod wait;

@@ -1,0 +1,310 @@
+//! Finding the target groups that can route to this cluster's nodes and pods, and what they have
+//! registered: the I/O edge of load-balancer awareness.
+//!
+//! Two sources: TargetGroupBindings (`elbv2.k8s.aws/v1beta1`, written by the AWS Load Balancer
+//! Controller for each Service or Ingress it exposes), and target groups the operator manages
+//! outside Kubernetes, named by ARN in nodedrain's configuration. Which of their targets a pod
+//! serves through is decided by [`super::targets::served_by`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_elasticloadbalancingv2::Client as Elbv2;
+use aws_sdk_elasticloadbalancingv2::error::DisplayErrorContext;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, ResourceExt};
+
+use super::targets::{
+    DEFAULT_DEREGISTRATION_DELAY, Owner, Target, TargetGroup, TargetState, TargetType,
+};
+
+/// The attribute that holds a group's deregistration delay, in seconds.
+const DEREGISTRATION_DELAY_ATTRIBUTE: &str = "deregistration_delay.timeout_seconds";
+
+/// DescribeTargetGroups takes at most 20 ARNs a call.
+const ARNS_PER_CALL: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error("cannot list TargetGroupBindings: {0}")]
+    Bindings(#[source] kube::Error),
+    #[error("ELBv2 {operation} failed: {message}")]
+    Elbv2 {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+/// A TargetGroupBinding, as far as a drain cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub namespace: String,
+    pub name: String,
+    pub target_group_arn: String,
+    /// `spec.targetType`; `None` when the binding leaves it to the group.
+    pub target_type: Option<TargetType>,
+}
+
+/// Reads a TargetGroupBinding object. `Err` says what is wrong with it, for a warning: a binding
+/// without `spec.targetGroupARN` routes nothing. Pure.
+pub fn binding_of(object: &DynamicObject) -> Result<Binding, String> {
+    let spec = object.data.get("spec");
+    let arn = spec
+        .and_then(|s| s.get("targetGroupARN"))
+        .and_then(|v| v.as_str())
+        .filter(|arn| !arn.is_empty())
+        .ok_or_else(|| "no spec.targetGroupARN".to_string())?;
+    let target_type = match spec
+        .and_then(|s| s.get("targetType"))
+        .and_then(|v| v.as_str())
+    {
+        None => None,
+        Some(value) => Some(
+            TargetType::parse(value)
+                .ok_or_else(|| format!("spec.targetType {value:?} is neither instance nor ip"))?,
+        ),
+    };
+    Ok(Binding {
+        namespace: object.namespace().unwrap_or_default(),
+        name: object.name_any(),
+        target_group_arn: arn.to_string(),
+        target_type,
+    })
+}
+
+/// Reads `deregistration_delay.timeout_seconds` from a group's attributes; AWS's default when it
+/// is missing or unreadable. Pure.
+pub fn deregistration_delay<'a>(
+    attributes: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Duration {
+    attributes
+        .into_iter()
+        .find(|(key, _)| *key == DEREGISTRATION_DELAY_ATTRIBUTE)
+        .and_then(|(_, value)| value.parse::<u64>().ok())
+        .map_or(DEFAULT_DEREGISTRATION_DELAY, Duration::from_secs)
+}
+
+/// Looks target groups and their targets up. Cheap to clone.
+#[derive(Clone)]
+pub struct Discovery {
+    client: Client,
+    elbv2: Elbv2,
+    /// Target groups named in the configuration: nodedrain deregisters their targets itself.
+    configured: Vec<String>,
+}
+
+impl Discovery {
+    pub fn new(client: Client, elbv2: Elbv2, configured: Vec<String>) -> Self {
+        Discovery {
+            client,
+            elbv2,
+            configured,
+        }
+    }
+
+    fn bindings_api(&self) -> Api<DynamicObject> {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding"),
+            "targetgroupbindings",
+        );
+        Api::all_with(self.client.clone(), &resource)
+    }
+
+    /// Every TargetGroupBinding in the cluster; none when the CRD is not installed (no AWS Load
+    /// Balancer Controller). Unusable bindings are skipped with a warning.
+    pub async fn bindings(&self) -> Result<Vec<Binding>, DiscoverError> {
+        let list = match self.bindings_api().list(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Vec::new()),
+            Err(error) => return Err(DiscoverError::Bindings(error)),
+        };
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|object| match binding_of(object) {
+                Ok(binding) => Some(binding),
+                Err(problem) => {
+                    tracing::warn!(namespace = object.namespace().unwrap_or_default(),
+                        name = %object.name_any(), %problem, "TargetGroupBinding skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// The target groups behind the bindings and the configured ARNs, with their target type and
+    /// deregistration delay. A group both bound and configured is the binding's: the AWS Load
+    /// Balancer Controller deregisters its targets, and two deregistering parties would race.
+    /// Lambda and ALB-type groups are left out: their targets are never a node or a pod.
+    pub async fn target_groups(&self) -> Result<Vec<TargetGroup>, DiscoverError> {
+        let mut owners: BTreeMap<String, Owner> = BTreeMap::new();
+        for arn in &self.configured {
+            owners.insert(arn.clone(), Owner::Configured);
+        }
+        for binding in self.bindings().await? {
+            owners.insert(
+                binding.target_group_arn.clone(),
+                Owner::Binding {
+                    namespace: binding.namespace,
+                    name: binding.name,
+                },
+            );
+        }
+        let arns: Vec<String> = owners.keys().cloned().collect();
+        let mut groups = Vec::new();
+        for chunk in arns.chunks(ARNS_PER_CALL) {
+            let out = self
+                .elbv2
+                .describe_target_groups()
+                .set_target_group_arns(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| elbv2_error("DescribeTargetGroups", e))?;
+            for group in out.target_groups() {
+                let (Some(arn), Some(kind)) = (group.target_group_arn(), group.target_type())
+                else {
+                    continue;
+                };
+                let Some(target_type) = TargetType::parse(kind.as_str()) else {
+                    continue;
+                };
+                let Some(owner) = owners.get(arn) else {
+                    continue;
+                };
+                groups.push(TargetGroup {
+                    arn: arn.to_string(),
+                    target_type,
+                    deregistration_delay: self.deregistration_delay_of(arn).await?,
+                    owner: owner.clone(),
+                });
+            }
+        }
+        Ok(groups)
+    }
+
+    async fn deregistration_delay_of(&self, arn: &str) -> Result<Duration, DiscoverError> {
+        let out = self
+            .elbv2
+            .describe_target_group_attributes()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .map_err(|e| elbv2_error("DescribeTargetGroupAttributes", e))?;
+        Ok(deregistration_delay(
+            out.attributes()
+                .iter()
+                .filter_map(|a| Some((a.key()?, a.value()?))),
+        ))
+    }
+
+    /// What `group` has registered, and each target's state.
+    pub async fn registered(
+        &self,
+        group: &TargetGroup,
+    ) -> Result<Vec<(Target, TargetState)>, DiscoverError> {
+        let out = self
+            .elbv2
+            .describe_target_health()
+            .target_group_arn(&group.arn)
+            .send()
+            .await
+            .map_err(|e| elbv2_error("DescribeTargetHealth", e))?;
+        Ok(out
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|description| {
+                let target = description.target()?;
+                let state = description
+                    .target_health()
+                    .and_then(|h| h.state())
+                    .and_then(|s| TargetState::parse(s.as_str()))
+                    // A state this code does not know may route traffic: treat it as healthy
+                    // rather than let a pod stop under it.
+                    .unwrap_or(TargetState::Healthy);
+                Some((
+                    Target {
+                        group_arn: group.arn.clone(),
+                        id: target.id()?.to_string(),
+                        port: target.port()?,
+                    },
+                    state,
+                ))
+            })
+            .collect())
+    }
+}
+
+fn elbv2_error<E: std::error::Error + 'static>(
+    operation: &'static str,
+    error: aws_sdk_elasticloadbalancingv2::error::SdkError<E>,
+) -> DiscoverError {
+    DiscoverError::Elbv2 {
+        operation,
+        message: DisplayErrorContext(error).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "elbv2.k8s.aws/v1beta1",
+            "kind": "TargetGroupBinding",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_binding_names_its_group_and_target_type() {
+        let binding = binding_of(&object(json!({
+            "targetGroupARN": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/1",
+            "targetType": "ip",
+            "serviceRef": {"name": "web", "port": 80},
+        })))
+        .unwrap();
+        assert_eq!(binding.namespace, "shop");
+        assert_eq!(binding.name, "web");
+        assert_eq!(binding.target_type, Some(TargetType::Ip));
+        assert!(binding.target_group_arn.ends_with("targetgroup/web/1"));
+        let untyped = binding_of(&object(json!({"targetGroupARN": "arn:x"}))).unwrap();
+        assert_eq!(untyped.target_type, None);
+    }
+
+    #[test]
+    fn an_unusable_binding_says_why() {
+        assert!(
+            binding_of(&object(json!({})))
+                .unwrap_err()
+                .contains("targetGroupARN")
+        );
+        assert!(
+            binding_of(&object(
+                json!({"targetGroupARN": "arn:x", "targetType": "lambda"})
+            ))
+            .unwrap_err()
+            .contains("lambda")
+        );
+    }
+
+    #[test]
+    fn the_delay_is_the_attribute_or_aws_default() {
+        assert_eq!(
+            deregistration_delay([
+                ("stickiness.enabled", "false"),
+                (DEREGISTRATION_DELAY_ATTRIBUTE, "30")
+            ]),
+            Duration::from_secs(30)
+        );
+        assert_eq!(deregistration_delay([]), DEFAULT_DEREGISTRATION_DELAY);
+        assert_eq!(
+            deregistration_delay([(DEREGISTRATION_DELAY_ATTRIBUTE, "soon")]),
+            DEFAULT_DEREGISTRATION_DELAY
+        );
+    }
+}
