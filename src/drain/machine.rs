@@ -248,6 +248,9 @@ enum StepPhase {
     Surge(SurgeId),
     /// `wait`: waiting for completion.
     Wait,
+    /// `karpenter.sh/do-not-disrupt` with a duration: left alone until this moment, then the
+    /// step's strategy starts (see [`super::plan::PodPlan::hold`]).
+    Hold(Timestamp),
     /// Eviction or deletion accepted; waiting for the pod to go.
     Terminating,
     Gone {
@@ -303,6 +306,10 @@ struct StepRun {
     overridden: bool,
     /// The pod watch has shown a deletionTimestamp.
     deleting: bool,
+    /// Readiness and phase as last seen: the Eviction API lets a not-Ready (or Pending) pod go
+    /// past a PDB that allows no disruption in some cases ([`policy::budget_bypass`]), and the
+    /// gate must not hold back what the apiserver would accept.
+    health: policy::PodHealth,
 }
 
 impl StepRun {
@@ -616,10 +623,15 @@ impl Machine {
                 {
                     at(t);
                 }
+                if let StepPhase::Hold(until) = step.phase {
+                    at(until);
+                }
                 let waits_for_latest = match step.phase {
                     StepPhase::NotStarted => true,
                     StepPhase::Evict => forcing && step.blocker.is_some() && !step.overridden,
-                    StepPhase::Surge(_) | StepPhase::Wait => forcing && !step.overridden,
+                    StepPhase::Surge(_) | StepPhase::Wait | StepPhase::Hold(_) => {
+                        forcing && !step.overridden
+                    }
                     _ => false,
                 };
                 if waits_for_latest && let Some(latest) = run.plan.steps[i].latest_start {
@@ -813,13 +825,19 @@ impl Machine {
             .steps
             .iter()
             .map(|step| {
-                let pod = step
-                    .uid
-                    .as_deref()
-                    .and_then(|uid| by_uid_pods.get(uid))
-                    .map(|p| metadata_only(p))
-                    .unwrap_or_default();
+                let full = step.uid.as_deref().and_then(|uid| by_uid_pods.get(uid));
+                let pod = full.map(|p| metadata_only(p)).unwrap_or_default();
+                // A pod we know nothing of counts as Ready: the gate then holds it to the budget,
+                // the careful side.
+                let health = full.map_or(
+                    policy::PodHealth {
+                        ready: true,
+                        pending: false,
+                    },
+                    |p| policy::PodHealth::of(p),
+                );
                 StepRun {
+                    health,
                     deleting: pod.metadata.deletion_timestamp.is_some(),
                     pod,
                     key: PodRef {
@@ -965,6 +983,8 @@ impl Machine {
     /// Decides what time and state allow now, then ends the drains that are over.
     fn advance(&mut self, now: Timestamp) {
         self.start_due(now);
+        // Before the attempts, so a step whose hold ends now sends its request in this round.
+        self.release_holds(now);
         self.complete_approved_evictions(now);
         self.attempt(now);
         // After the attempts: a step whose gate has just closed at its latest start is
@@ -1018,20 +1038,59 @@ impl Machine {
                 record: run.record.clone(),
             });
         }
-        let disable_eviction = self
-            .drains
-            .get(&run.drain)
-            .is_some_and(|d| d.disable_eviction);
         run.progress.set(id.index, StepState::Started);
         let plan = &run.plan.steps[id.index.0];
-        let strategy = plan.strategy;
         let terminating = plan.terminating;
+        let hold = plan.hold.clone();
         let step = &mut run.steps[id.index.0];
         step.started_at = Some(now);
         if terminating || step.deleting {
             step.phase = StepPhase::Terminating;
             return;
         }
+        // Karpenter's do-not-disrupt duration: nothing is done to the pod before it elapses.
+        // An elapsed hold (a wave that started late) is no hold.
+        if let Some(hold) = hold.filter(|h| now < h.until) {
+            step.phase = StepPhase::Hold(hold.until);
+            self.block(
+                id,
+                Blocker::DoNotDisrupt {
+                    value: hold.value,
+                    until: hold.until,
+                },
+            );
+            return;
+        }
+        self.begin_strategy(id, now);
+    }
+
+    /// Steps whose do-not-disrupt hold has ended go on with their strategy.
+    fn release_holds(&mut self, now: Timestamp) {
+        for id in self.step_ids() {
+            if self
+                .step(id)
+                .is_some_and(|s| matches!(s.phase, StepPhase::Hold(until) if now >= until))
+            {
+                if let Some(step) = self.step_mut(id) {
+                    // The next blocker, if any, is news.
+                    step.blocker = None;
+                }
+                self.begin_strategy(id, now);
+            }
+        }
+    }
+
+    /// Carries out a started step's strategy.
+    fn begin_strategy(&mut self, id: StepId, now: Timestamp) {
+        let Some(run) = self.nodes.get_mut(&id.node) else {
+            return;
+        };
+        let disable_eviction = self
+            .drains
+            .get(&run.drain)
+            .is_some_and(|d| d.disable_eviction);
+        let strategy = run.plan.steps[id.index.0].strategy;
+        let step = &mut run.steps[id.index.0];
         match strategy {
             Strategy::Evict if disable_eviction => {
                 step.phase = StepPhase::Delete(DeleteReason::Asked);
@@ -1250,7 +1309,7 @@ impl Machine {
             let blocker = match step.phase {
                 // Evictions get their try first: they may well pass.
                 StepPhase::Evict if step.blocker.is_some() => step.blocker.clone(),
-                StepPhase::Surge(_) => step.blocker.clone(),
+                StepPhase::Surge(_) | StepPhase::Hold(_) => step.blocker.clone(),
                 StepPhase::Wait => Some(Blocker::StillRunning),
                 _ => continue,
             };
@@ -1343,8 +1402,16 @@ impl Machine {
             .iter()
             .filter_map(|key| self.pdbs.get_key_value(key))
             .collect();
+        let health = self.step(id).map(|s| s.health);
         match matching.as_slice() {
             [] => Gate::Open,
+            // The apiserver evicts it without spending the budget (a not-Ready pod under
+            // AlwaysAllow, say): nothing to gate or count.
+            [(_, live)]
+                if health.is_some_and(|h| policy::budget_bypass(h, &live.pdb).is_some()) =>
+            {
+                Gate::Open
+            }
             [(key, live)] => match live.budget() {
                 Some(budget) if budget <= 0 => Gate::Closed(Blocker::Pdb {
                     name: live.name(),
@@ -1805,6 +1872,16 @@ impl Machine {
             self.mark_gone(id, true, now);
             return;
         }
+        let health = policy::PodHealth::of(pod);
+        if let Some(step) = self.step_mut(id)
+            && step.health != health
+        {
+            step.health = health;
+            // Not Ready any more may open its gate: look again now rather than at the backoff.
+            if matches!(step.phase, StepPhase::Evict) {
+                step.retry.now = true;
+            }
+        }
         if pod.metadata.deletion_timestamp.is_none() {
             return;
         }
@@ -2010,6 +2087,14 @@ impl Machine {
             },
             StepPhase::Terminating => Blocker::Terminating,
             StepPhase::Wait => Blocker::StillRunning,
+            StepPhase::Hold(until) => Blocker::DoNotDisrupt {
+                value: plan
+                    .hold
+                    .as_ref()
+                    .map(|h| h.value.clone())
+                    .unwrap_or_default(),
+                until: *until,
+            },
             StepPhase::Surge(_) => match &step.blocker {
                 Some(b @ Blocker::SurgeNotReady { .. }) => b.clone(),
                 _ => Blocker::SurgeNotReady {

@@ -235,6 +235,38 @@ pub struct PdbRef {
     pub disruptions_allowed: Option<i32>,
 }
 
+/// A `karpenter.sh/do-not-disrupt` duration holding a step back on a voluntary drain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DoNotDisruptHold {
+    /// The annotation's value, e.g. `30m`.
+    pub value: String,
+    /// The step does nothing to the pod before this moment, then carries out its strategy: the
+    /// pod's `status.startTime` plus the duration, as Karpenter reckons it (the plan's time plus
+    /// the duration for a pod that has no start time yet, so the wait stays bounded).
+    pub until: Timestamp,
+    /// Whether `until` counts from the pod's start time (else from the plan's time).
+    pub from_pod_start: bool,
+}
+
+impl fmt::Display for DoNotDisruptHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={} holds it until {} ({} after {})",
+            crate::names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT,
+            self.value,
+            self.until,
+            self.value,
+            if self.from_pod_start {
+                "the pod started"
+            } else {
+                "the drain started, the pod has no start time"
+            }
+        )
+    }
+}
+
 /// Index of a step in [`Plan::steps`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct StepIndex(pub usize);
@@ -273,6 +305,9 @@ pub struct PodPlan {
     pub terminating: bool,
     /// Why this strategy and tier, for humans.
     pub reason: String,
+    /// On a voluntary drain, a `karpenter.sh/do-not-disrupt` duration that has not elapsed yet:
+    /// once started, the step waits until then before it carries out `strategy`.
+    pub hold: Option<DoNotDisruptHold>,
     /// What, as planned, will stop the step from completing; `None` when nothing known does.
     pub blocker: Option<String>,
 }
@@ -586,10 +621,44 @@ fn pdb_never_allows(pdb: &PodDisruptionBudget) -> bool {
     max_zero || min_all
 }
 
+/// What stops an eviction the PDB's status refuses, for a pod that is not Ready under the
+/// default `IfHealthyBudget`: the one case where the pod serves nothing and still waits.
+fn unhealthy_blocked_text(
+    pdb: &PodDisruptionBudget,
+    pdb_ref: &PdbRef,
+    allowed: i32,
+    not_ready: &[String],
+) -> String {
+    let status = pdb.status.as_ref();
+    let current = status.and_then(|s| s.current_healthy).unwrap_or(0);
+    let desired = status.and_then(|s| s.desired_healthy).unwrap_or(0);
+    // A large Deployment may have many; the first few name the problem.
+    const SHOWN: usize = 5;
+    let mut named = not_ready
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if not_ready.len() > SHOWN {
+        named.push_str(&format!(" and {} more", not_ready.len() - SHOWN));
+    }
+    format!(
+        "PDB {} allows {allowed} disruptions and its unhealthyPodEvictionPolicy is {}: the pod \
+         is not Ready, and the Eviction API evicts a not-Ready pod only while the budget is met \
+         ({current} healthy, {desired} needed) or with AlwaysAllow (not Ready here: {})",
+        pdb_ref.name,
+        policy::unhealthy_pod_eviction_policy(pdb),
+        named
+    )
+}
+
 fn pdb_blocker(
     strategy: Strategy,
     disable_eviction: bool,
     pdbs: &[(&PodDisruptionBudget, PdbRef)],
+    health: policy::PodHealth,
+    not_ready: &dyn Fn(&PodDisruptionBudget) -> Vec<String>,
 ) -> Option<String> {
     let uses_eviction = !disable_eviction && matches!(strategy, Strategy::Evict | Strategy::Surge);
     if !uses_eviction {
@@ -613,8 +682,13 @@ fn pdb_blocker(
                 pdb_ref.name
             )
         }),
+        // What the Eviction API lets go without spending the budget, it lets go at 0 too.
+        _ if policy::budget_bypass(health, pdb).is_some() => None,
         _ => match pdb_ref.disruptions_allowed {
             Some(n) if n > 0 => None,
+            Some(n) if !health.ready => {
+                Some(unhealthy_blocked_text(pdb, pdb_ref, n, &not_ready(pdb)))
+            }
             Some(n) => Some(format!("PDB {} allows {n} disruptions", pdb_ref.name)),
             None => Some(format!(
                 "PDB {} has no status yet: the Eviction API refuses until it is computed",
@@ -858,10 +932,82 @@ fn dispose(
         }
     }
     let terminating = pod.metadata.deletion_timestamp.is_some();
+    let health = policy::PodHealth::of(pod);
+    if let ([(pdb, pdb_ref)], false, Strategy::Evict) = (matching.as_slice(), terminating, strategy)
+        && pdb_ref.disruptions_allowed.is_none_or(|n| n <= 0)
+    {
+        match policy::budget_bypass(health, pdb) {
+            Some(policy::BudgetBypass::Pending) => reason.push_str(&format!(
+                "; Pending: the Eviction API deletes it without asking PDB {}",
+                pdb_ref.name
+            )),
+            Some(policy::BudgetBypass::AlwaysAllow) => reason.push_str(&format!(
+                "; not Ready: PDB {} (unhealthyPodEvictionPolicy AlwaysAllow) lets it be evicted \
+                 whatever its budget",
+                pdb_ref.name
+            )),
+            Some(policy::BudgetBypass::BudgetMet) => reason.push_str(&format!(
+                "; not Ready: PDB {} has its healthy pods, so the Eviction API lets it go \
+                 without spending the budget",
+                pdb_ref.name
+            )),
+            None => {}
+        }
+    }
+    let hold = match resolved.hold {
+        Some(hold) if !terminating => {
+            let start = policy::pod_start_time(pod);
+            let until = start
+                .unwrap_or(input.now)
+                .checked_add(to_signed(hold.duration))
+                .unwrap_or(Timestamp::MAX);
+            if until > input.now {
+                Some(DoNotDisruptHold {
+                    value: hold.value,
+                    until,
+                    from_pod_start: start.is_some(),
+                })
+            } else {
+                reason.push_str(&format!(
+                    "; {}={} elapsed at {until}",
+                    crate::names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT,
+                    hold.value
+                ));
+                None
+            }
+        }
+        _ => None,
+    };
     let blocker = if terminating {
         None
     } else {
-        pdb_blocker(strategy, options.disable_eviction, &matching)
+        let not_ready = |pdb: &PodDisruptionBudget| -> Vec<String> {
+            input
+                .pods
+                .iter()
+                .filter(|p| {
+                    !policy::is_pod_ready(p)
+                        && !policy::is_finished(p)
+                        && p.metadata.deletion_timestamp.is_none()
+                        && policy::pdb_matches_pod(pdb, p)
+                })
+                .map(|p| format!("{namespace}/{}", meta_str(&p.metadata.name)))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        let after = pdb_blocker(
+            strategy,
+            options.disable_eviction,
+            &matching,
+            health,
+            &not_ready,
+        );
+        match (&hold, after) {
+            (Some(hold), Some(after)) => Some(format!("{hold}; then {after}")),
+            (Some(hold), None) => Some(hold.to_string()),
+            (None, after) => after,
+        }
     };
     let pdbs: Vec<PdbRef> = matching.into_iter().map(|(_, r)| r).collect();
 
@@ -880,6 +1026,7 @@ fn dispose(
         pdbs,
         terminating,
         reason,
+        hold,
         blocker,
     }))
 }
@@ -1204,7 +1351,10 @@ mod tests {
     #[test]
     fn disable_eviction_turns_evict_into_delete_past_pdbs() {
         let mut f = Fixture::new(vec![
-            PodBuilder::new("ns", "web").label("app", "web").build(),
+            PodBuilder::new("ns", "web")
+                .label("app", "web")
+                .ready()
+                .build(),
         ]);
         f.pdbs = vec![pdb(
             "ns",
@@ -1231,6 +1381,7 @@ mod tests {
                 .label("app", name)
                 .controller("ReplicaSet", &format!("{name}-rs"))
                 .annotation(names::ANNOTATION_STRATEGY, strategy)
+                .ready()
                 .build()
         };
         let mut f = Fixture::new(vec![
@@ -1537,6 +1688,163 @@ mod tests {
     }
 
     #[test]
+    fn a_do_not_disrupt_duration_holds_the_step_until_the_pod_has_run_that_long() {
+        let held = |name: &str, value: &str| {
+            PodBuilder::new("ns", name)
+                .label("app", name)
+                .annotation(names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT, value)
+                .ready()
+        };
+        let mut f = Fixture::new(vec![
+            held("fresh", "30m").started(t(-600)).build(),
+            held("old", "30m").started(t(-7200)).build(),
+            held("unstarted", "1h").build(),
+            held("guarded", "10m").started(t(0)).build(),
+            held("typo", "30 minutes").started(t(0)).build(),
+        ]);
+        f.pdbs = vec![pdb(
+            "ns",
+            "guarded-pdb",
+            Some(match_labels(&[("app", "guarded")])),
+            Some(0),
+        )];
+        let plan = f.plan();
+
+        // Karpenter counts from status.startTime: started 10 minutes ago, held 20 more.
+        let fresh = step(&plan, "fresh");
+        assert_eq!(fresh.strategy, Strategy::Evict);
+        let hold = fresh.hold.as_ref().unwrap();
+        assert_eq!((hold.until, hold.from_pod_start), (t(1200), true));
+        assert_eq!(
+            fresh.blocker.as_deref().unwrap(),
+            format!(
+                "karpenter.sh/do-not-disrupt=30m holds it until {} (30m after the pod started)",
+                t(1200)
+            )
+        );
+        // Elapsed before the drain: nothing to wait for, and the reason says so.
+        let old = step(&plan, "old");
+        assert_eq!((old.hold.as_ref(), old.blocker.as_ref()), (None, None));
+        assert!(
+            old.reason.contains(&format!(
+                "karpenter.sh/do-not-disrupt=30m elapsed at {}",
+                t(-5400)
+            )),
+            "{}",
+            old.reason
+        );
+        // No start time yet: counted from the plan, so the wait stays bounded.
+        let unstarted = step(&plan, "unstarted").hold.as_ref().unwrap();
+        assert_eq!(
+            (unstarted.until, unstarted.from_pod_start),
+            (t(3600), false)
+        );
+        // The PDB still has its say once the hold is over.
+        assert!(
+            step(&plan, "guarded")
+                .blocker
+                .as_deref()
+                .unwrap()
+                .ends_with("; then PDB guarded-pdb allows 0 disruptions")
+        );
+        // Unparseable: a warning, and drained as if the annotation were absent.
+        assert_eq!(step(&plan, "typo").hold, None);
+        assert!(
+            plan.warnings
+                .iter()
+                .any(|w| w.name == "typo"
+                    && w.to_string().contains("expected \"true\" or a duration"))
+        );
+
+        // Involuntary drains ignore it.
+        f.options.voluntary = false;
+        f.deadline = Some(t(120));
+        let plan = f.plan();
+        assert!(plan.steps.iter().all(|s| s.hold.is_none()));
+        assert!(
+            step(&plan, "fresh")
+                .reason
+                .contains("karpenter.sh/do-not-disrupt=30m ignored on an involuntary drain")
+        );
+    }
+
+    #[test]
+    fn a_not_ready_pod_is_blocked_as_the_eviction_api_decides() {
+        use k8s_openapi::api::policy::v1::PodDisruptionBudgetStatus;
+        let pod = |name: &str, app: &str| {
+            PodBuilder::new("ns", name)
+                .label("app", app)
+                .controller("ReplicaSet", &format!("{app}-rs"))
+        };
+        // A PDB allowing 0 disruptions, with its policy and healthy counts.
+        let budget =
+            |app: &str, policy: Option<&str>, current: i32, desired: i32| PodDisruptionBudget {
+                metadata: ObjectMeta {
+                    namespace: Some("ns".to_string()),
+                    name: Some(format!("{app}-pdb")),
+                    ..Default::default()
+                },
+                spec: Some(PodDisruptionBudgetSpec {
+                    selector: Some(match_labels(&[("app", app)])),
+                    min_available: Some(IntOrString::Int(desired)),
+                    unhealthy_pod_eviction_policy: policy.map(str::to_string),
+                    ..Default::default()
+                }),
+                status: Some(PodDisruptionBudgetStatus {
+                    disruptions_allowed: Some(0),
+                    current_healthy: Some(current),
+                    desired_healthy: Some(desired),
+                    ..Default::default()
+                }),
+            };
+        let mut f = Fixture::new(vec![
+            pod("always-0", "always").build(),
+            pod("always-1", "always").ready().build(),
+            pod("default-0", "default").build(),
+            pod("default-1", "default").build(),
+            pod("default-2", "default").ready().build(),
+            pod("met-0", "met").build(),
+            pod("starting-0", "starting").phase("Pending").build(),
+        ]);
+        f.pdbs = vec![
+            budget("always", Some("AlwaysAllow"), 1, 1),
+            budget("default", None, 1, 2),
+            budget("met", Some("IfHealthyBudget"), 2, 2),
+            budget("starting", None, 0, 1),
+        ];
+        let plan = f.plan();
+        let blocker = |name: &str| step(&plan, name).blocker.clone();
+        // AlwaysAllow: the not-Ready pod goes at 0 allowed; the Ready one still waits.
+        assert_eq!(blocker("always-0"), None);
+        assert!(step(&plan, "always-0").reason.contains("AlwaysAllow"));
+        assert_eq!(
+            blocker("always-1").as_deref(),
+            Some("PDB always-pdb allows 0 disruptions")
+        );
+        // IfHealthyBudget (unset) below its desired count: named, with the policy and the
+        // not-Ready pods.
+        assert_eq!(
+            blocker("default-0").as_deref(),
+            Some(
+                "PDB default-pdb allows 0 disruptions and its unhealthyPodEvictionPolicy is \
+                 IfHealthyBudget: the pod is not Ready, and the Eviction API evicts a not-Ready \
+                 pod only while the budget is met (1 healthy, 2 needed) or with AlwaysAllow \
+                 (not Ready here: ns/default-0, ns/default-1)"
+            )
+        );
+        assert!(blocker("default-1").unwrap().contains("IfHealthyBudget"));
+        assert_eq!(
+            blocker("default-2").as_deref(),
+            Some("PDB default-pdb allows 0 disruptions")
+        );
+        // IfHealthyBudget with the budget met: the apiserver lets the unhealthy pod go.
+        assert_eq!(blocker("met-0"), None);
+        // Pending: PDBs are not consulted at all.
+        assert_eq!(blocker("starting-0"), None);
+        assert!(step(&plan, "starting-0").reason.contains("Pending"));
+    }
+
+    #[test]
     fn plan_is_total_on_garbage() {
         let mut nameless = PodBuilder::new("ns", "x")
             .annotation(names::ANNOTATION_STRATEGY, "\u{0}💥")
@@ -1642,7 +1950,7 @@ mod tests {
                 ),
                 (
                     text(&["0", "5", "30", "600", "-1", "1.5", "9223372036854775807"]),
-                    text(&["true", "false", "yes"]),
+                    text(&["true", "false", "yes", "30m", "1h30m", "0s", "1d", "-5m"]),
                     text(&["true", "false", "no"]),
                     proptest::option::of(select(
                         &["system-node-critical", "system-cluster-critical", "high"][..],
@@ -1941,6 +2249,27 @@ rules:
                 for step in &plan.steps {
                     let pod = pods.iter().find(|p| p.metadata.uid == step.uid).unwrap();
                     prop_assert!(!policy::is_mirror_pod(pod));
+                }
+            }
+
+            /// Property: a do-not-disrupt hold exists only on voluntary plans, for a pod that
+            /// asks for a valid duration, and ends after the plan's time.
+            #[test]
+            fn holds_are_voluntary_and_in_the_future(case in case()) {
+                let (pods, plan) = run(&case);
+                for step in &plan.steps {
+                    let Some(hold) = &step.hold else { continue };
+                    prop_assert!(plan.voluntary);
+                    prop_assert!(hold.until > at(0));
+                    let pod = pods.iter().find(|p| p.metadata.uid == step.uid).unwrap();
+                    let value = pod.metadata.annotations.as_ref()
+                        .and_then(|a| a.get(names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT));
+                    prop_assert!(
+                        matches!(value.map(|v| policy::parse_do_not_disrupt(v)),
+                            Some(Ok(Some(policy::DoNotDisrupt::For(_))))),
+                        "{:?}", value
+                    );
+                    prop_assert!(step.blocker.as_deref().is_some_and(|b| b.contains(&hold.until.to_string())));
                 }
             }
 

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -749,9 +750,237 @@ pub fn pdb_matches_pod(pdb: &PodDisruptionBudget, pod: &Pod) -> bool {
     LabelSelectorExpr::from_api(selector).is_ok_and(|s| s.matches(pod_labels(pod)))
 }
 
+/// Whether the pod's `Ready` condition is `True`: what the disruption controller counts as
+/// healthy, and what the Eviction API reads (`podutil.IsPodReady`).
+pub fn is_pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// What the Eviction API's PDB check reads of the pod itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodHealth {
+    pub ready: bool,
+    /// Phase `Pending`: the Eviction API deletes it without consulting PDBs.
+    pub pending: bool,
+}
+
+impl PodHealth {
+    pub fn of(pod: &Pod) -> Self {
+        PodHealth {
+            ready: is_pod_ready(pod),
+            pending: pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"),
+        }
+    }
+}
+
+/// A PDB's `spec.unhealthyPodEvictionPolicy` (policy/v1, GA since Kubernetes 1.31).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum UnhealthyPodEvictionPolicy {
+    /// The default: a not-Ready pod is evicted only while the application is not disrupted
+    /// (`currentHealthy >= desiredHealthy`), or within the budget.
+    IfHealthyBudget,
+    /// A not-Ready pod may always be evicted, whatever the budget: it serves nothing.
+    AlwaysAllow,
+}
+
+impl fmt::Display for UnhealthyPodEvictionPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UnhealthyPodEvictionPolicy::IfHealthyBudget => "IfHealthyBudget",
+            UnhealthyPodEvictionPolicy::AlwaysAllow => "AlwaysAllow",
+        })
+    }
+}
+
+/// The PDB's policy; unset (and any value the apiserver would not have accepted) reads as
+/// `IfHealthyBudget`, as the Eviction API reads it (it tests for `AlwaysAllow` only).
+pub fn unhealthy_pod_eviction_policy(pdb: &PodDisruptionBudget) -> UnhealthyPodEvictionPolicy {
+    match pdb
+        .spec
+        .as_ref()
+        .and_then(|s| s.unhealthy_pod_eviction_policy.as_deref())
+    {
+        Some("AlwaysAllow") => UnhealthyPodEvictionPolicy::AlwaysAllow,
+        _ => UnhealthyPodEvictionPolicy::IfHealthyBudget,
+    }
+}
+
+/// Why the Eviction API evicts a pod without spending a disruption of its only PDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetBypass {
+    /// Phase `Pending`: PDBs are not consulted.
+    Pending,
+    /// Not Ready, and the PDB's `unhealthyPodEvictionPolicy` is `AlwaysAllow`.
+    AlwaysAllow,
+    /// Not Ready, and the PDB's healthy pods meet its desired count (`IfHealthyBudget`): the
+    /// application is not disrupted, so losing a pod that serves nothing is allowed.
+    BudgetMet,
+}
+
+/// Whether the Eviction API lets this pod go past its only PDB without spending a disruption,
+/// from the PDB's last status. Mirrors the apiserver's eviction handler
+/// (`pkg/registry/core/pod/storage/eviction.go`, Kubernetes 1.36): a Pending pod is deleted
+/// without a PDB check; a not-Ready pod is deleted under `AlwaysAllow`, and under
+/// `IfHealthyBudget` when `currentHealthy >= desiredHealthy > 0`; every other pod needs
+/// `disruptionsAllowed > 0`. (Terminal and terminating pods pass too; the planner never evicts
+/// those.)
+pub fn budget_bypass(health: PodHealth, pdb: &PodDisruptionBudget) -> Option<BudgetBypass> {
+    if health.pending {
+        return Some(BudgetBypass::Pending);
+    }
+    if health.ready {
+        return None;
+    }
+    if unhealthy_pod_eviction_policy(pdb) == UnhealthyPodEvictionPolicy::AlwaysAllow {
+        return Some(BudgetBypass::AlwaysAllow);
+    }
+    let status = pdb.status.as_ref()?;
+    let current = status.current_healthy.unwrap_or(0);
+    let desired = status.desired_healthy.unwrap_or(0);
+    (desired > 0 && current >= desired).then_some(BudgetBypass::BudgetMet)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Resolving a pod's policy
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// karpenter.sh/do-not-disrupt
+// ---------------------------------------------------------------------------------------------
+
+/// Parses a duration exactly as Go's `time.ParseDuration` does, into nanoseconds: an optional
+/// sign, then one or more decimal numbers (with an optional fraction) each followed by a unit of
+/// `ns`, `us` (`µs`, `μs`), `ms`, `s`, `m` or `h`, without spaces; `"0"` alone is zero.
+///
+/// Not `humantime` (nor [`crate::config::parse_duration`]): the `karpenter.sh/do-not-disrupt`
+/// value is Karpenter's contract, and Karpenter reads it with Go's grammar. humantime accepts
+/// `"1d"`, `"2 hours"` and a bare `"90"`, which Karpenter rejects (and so ignores), and rejects
+/// `"1.5h"`, which Karpenter honours; either mismatch would make nodedrain and Karpenter disagree
+/// about the same pod.
+pub fn parse_go_duration(text: &str) -> Result<i64, String> {
+    let (negative, mut rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if rest == "0" {
+        return Ok(0);
+    }
+    if rest.is_empty() {
+        return Err(format!("invalid duration {text:?}"));
+    }
+    // i64::MAX nanoseconds (about 292 years) is Go's limit too; one past it for "-".
+    let limit: u128 = if negative {
+        i64::MAX as u128 + 1
+    } else {
+        i64::MAX as u128
+    };
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (whole, after) = rest.split_at(digits);
+        let (fraction, after) = match after.strip_prefix('.') {
+            Some(after) => {
+                let n = after
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(after.len());
+                after.split_at(n)
+            }
+            None => ("", after),
+        };
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(format!("invalid duration {text:?}"));
+        }
+        let unit_len = after
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(format!("missing unit in duration {text:?}")),
+            other => return Err(format!("unknown unit {other:?} in duration {text:?}")),
+        };
+        let too_large = || format!("duration {text:?} is too large");
+        let mut value: u128 = 0;
+        for d in whole.bytes() {
+            value = value
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u128::from(d - b'0')))
+                .filter(|v| *v <= limit)
+                .ok_or_else(too_large)?;
+        }
+        let mut nanos = value.checked_mul(scale).ok_or_else(too_large)?;
+        // Go keeps the fraction's digits as far as they can matter and truncates the rest.
+        let mut fraction_value: u128 = 0;
+        let mut fraction_scale: u128 = 1;
+        for d in fraction.bytes().take(30) {
+            fraction_value = fraction_value * 10 + u128::from(d - b'0');
+            fraction_scale *= 10;
+        }
+        nanos += fraction_value * scale / fraction_scale;
+        total = total
+            .checked_add(nanos)
+            .filter(|t| *t <= limit)
+            .ok_or_else(too_large)?;
+        rest = after;
+    }
+    let total = i128::try_from(total).map_err(|_| format!("duration {text:?} is too large"))?;
+    let signed = if negative { -total } else { total };
+    i64::try_from(signed).map_err(|_| format!("duration {text:?} is too large"))
+}
+
+/// What a `karpenter.sh/do-not-disrupt` value asks for (Karpenter 1.12 semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoNotDisrupt {
+    /// `"true"`: never disrupt voluntarily.
+    Indefinitely,
+    /// A duration such as `"30m"`: not before the pod has run this long.
+    For(Duration),
+}
+
+/// Reads a `karpenter.sh/do-not-disrupt` value as Karpenter does: `"true"`, or a positive Go
+/// duration. `Ok(None)` for `"false"` (the usual way to say "no", which Karpenter also ignores).
+/// `Err` says why anything else is unusable; like Karpenter, the caller then treats the
+/// annotation as absent.
+pub fn parse_do_not_disrupt(value: &str) -> Result<Option<DoNotDisrupt>, String> {
+    match value.trim() {
+        "true" => Ok(Some(DoNotDisrupt::Indefinitely)),
+        "false" => Ok(None),
+        text => {
+            let nanos = parse_go_duration(text).map_err(|e| {
+                format!("expected \"true\" or a duration such as \"30m\" or \"1h30m\" ({e})")
+            })?;
+            if nanos <= 0 {
+                return Err(format!("duration {text:?} must be positive"));
+            }
+            Ok(Some(DoNotDisrupt::For(Duration::from_nanos(nanos as u64))))
+        }
+    }
+}
+
+/// When the pod started: `status.startTime`, which the kubelet sets once it has accepted the pod
+/// (before image pulls). Karpenter measures a do-not-disrupt duration from here.
+pub fn pod_start_time(pod: &Pod) -> Option<jiff::Timestamp> {
+    pod.status.as_ref()?.start_time.as_ref().map(|t| t.0)
+}
+
+/// A `karpenter.sh/do-not-disrupt` duration that holds the pod on a voluntary drain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The annotation's value, trimmed, for messages (`"30m"`).
+    pub value: String,
+    pub duration: Duration,
+}
 
 /// A pod's policy with the reasons behind it, before node-level options (flags, deadline) apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -766,6 +995,10 @@ pub struct PodPolicy {
     /// Explicit grace (annotation, else policy rule), before any CLI override or deadline clamp;
     /// `None` means the pod's own.
     pub grace_seconds: Option<i64>,
+    /// On voluntary drains, a `karpenter.sh/do-not-disrupt` duration: the step waits until the
+    /// pod has run that long, then goes ahead with `strategy`. `None` when no duration applies
+    /// (absent, `"true"`, beaten by the strategy annotation, or an involuntary drain).
+    pub hold: Option<Hold>,
     pub warnings: Vec<AnnotationWarning>,
 }
 
@@ -778,6 +1011,11 @@ pub struct PodPolicy {
 /// workload owner's statement about this very pod and err on the safe side; the owner can still
 /// override them with the strategy annotation. On involuntary drains the node dies anyway, so the
 /// opt-outs are ignored (and the reason says so).
+///
+/// `karpenter.sh/do-not-disrupt` with a duration (`"30m"`) is not an opt-out but a bound: on
+/// voluntary drains the strategy is decided as if it were absent, and [`PodPolicy::hold`] says
+/// how long after the pod's start the step must wait first. An unusable value is a warning and
+/// counts as absent, as Karpenter treats it.
 ///
 /// For order and grace: annotation, then the matching rule, then the default.
 pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPolicy {
@@ -800,21 +1038,34 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     });
 
     let mut opt_outs = Vec::new();
-    for (key, opts_out, opts_in) in [
-        (names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT, "true", "false"),
-        (names::ANNOTATION_CA_SAFE_TO_EVICT, "false", "true"),
-    ] {
-        let Some(value) = annotation(pod, key) else {
-            continue;
-        };
-        if value.trim() == opts_out {
-            opt_outs.push(format!("{key}={opts_out}"));
-        } else if value.trim() != opts_in {
-            warnings.push(AnnotationWarning {
+    let mut hold = None;
+    if let Some(value) = annotation(pod, names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT) {
+        let key = names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT;
+        match parse_do_not_disrupt(value) {
+            Ok(Some(DoNotDisrupt::Indefinitely)) => opt_outs.push(format!("{key}=true")),
+            Ok(Some(DoNotDisrupt::For(duration))) => {
+                hold = Some(Hold {
+                    value: value.trim().to_string(),
+                    duration,
+                })
+            }
+            Ok(None) => {}
+            Err(problem) => warnings.push(AnnotationWarning {
                 annotation: key,
                 value: value.to_string(),
-                problem: format!("expected \"{opts_out}\" or \"{opts_in}\"; ignored"),
-            });
+                problem: format!("{problem}; ignored"),
+            }),
+        }
+    }
+    if let Some(value) = annotation(pod, names::ANNOTATION_CA_SAFE_TO_EVICT) {
+        match value.trim() {
+            "false" => opt_outs.push(format!("{}=false", names::ANNOTATION_CA_SAFE_TO_EVICT)),
+            "true" => {}
+            _ => warnings.push(AnnotationWarning {
+                annotation: names::ANNOTATION_CA_SAFE_TO_EVICT,
+                value: value.to_string(),
+                problem: "expected \"false\" or \"true\"; ignored".to_string(),
+            }),
         }
     }
     let opt_out = (!opt_outs.is_empty()).then(|| opt_outs.join(", "));
@@ -836,6 +1087,21 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
     if let (Some(opt_out), false, None) = (&opt_out, voluntary, annotated_strategy) {
         strategy_reason.push_str(&format!("; {opt_out} ignored on an involuntary drain"));
     }
+    // A duration only bounds how long the pod is left alone: it applies when nothing stronger
+    // decided (the strategy annotation, or an indefinite opt-out, which already means wait),
+    // and never on involuntary drains, where the node dies anyway.
+    let hold = hold.filter(|_| annotated_strategy.is_none() && opt_out.is_none());
+    let hold = match hold {
+        Some(hold) if !voluntary => {
+            strategy_reason.push_str(&format!(
+                "; {}={} ignored on an involuntary drain",
+                names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT,
+                hold.value
+            ));
+            None
+        }
+        hold => hold,
+    };
 
     let order = annotation(pod, names::ANNOTATION_ORDER)
         .and_then(|value| match value.trim().parse::<i32>() {
@@ -872,6 +1138,7 @@ pub fn pod_policy(pod: &Pod, cluster: &ClusterPolicy, voluntary: bool) -> PodPol
         strategy_is_default,
         order,
         grace_seconds,
+        hold,
         warnings,
     }
 }
@@ -981,6 +1248,28 @@ pub(crate) mod tests {
 
         pub(crate) fn phase(mut self, phase: &str) -> Self {
             self.0.status.get_or_insert_with(Default::default).phase = Some(phase.to_string());
+            self
+        }
+
+        /// The `Ready` condition `True`, as the kubelet sets it for a pod that serves.
+        pub(crate) fn ready(mut self) -> Self {
+            self.0
+                .status
+                .get_or_insert_with(Default::default)
+                .conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".to_string(),
+                status: "True".to_string(),
+                ..Default::default()
+            }]);
+            self
+        }
+
+        /// `status.startTime`, as the kubelet sets it.
+        pub(crate) fn started(mut self, at: jiff::Timestamp) -> Self {
+            self.0
+                .status
+                .get_or_insert_with(Default::default)
+                .start_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
             self
         }
 
@@ -1569,5 +1858,140 @@ rules:
         let warning = with("yes").unwrap_err();
         assert_eq!(warning.annotation, names::ANNOTATION_ALLOW_LOCAL_DATA_LOSS);
         assert_eq!(warning.value, "yes");
+    }
+
+    // --- karpenter.sh/do-not-disrupt durations ---
+
+    #[test]
+    fn go_durations_parse_as_go_does() {
+        let ok = |text: &str| parse_go_duration(text).unwrap();
+        assert_eq!(ok("30m"), 30 * 60 * 1_000_000_000);
+        assert_eq!(ok("1h30m"), 90 * 60 * 1_000_000_000);
+        assert_eq!(ok("1.5h"), 90 * 60 * 1_000_000_000);
+        assert_eq!(ok(".5s"), 500_000_000);
+        assert_eq!(ok("1.s"), 1_000_000_000);
+        assert_eq!(ok("300ms"), 300_000_000);
+        assert_eq!(
+            ok("2h45m30.5s"),
+            (2 * 3600 + 45 * 60 + 30) * 1_000_000_000 + 500_000_000
+        );
+        assert_eq!(ok("1us"), 1_000);
+        assert_eq!(ok("1\u{b5}s"), 1_000);
+        assert_eq!(ok("1\u{3bc}s"), 1_000);
+        assert_eq!(ok("10ns"), 10);
+        assert_eq!(ok("0"), 0);
+        assert_eq!(ok("-0"), 0);
+        assert_eq!(ok("+5s"), 5_000_000_000);
+        assert_eq!(ok("-5s"), -5_000_000_000);
+        assert_eq!(ok("2562047h"), 2_562_047 * 3_600_000_000_000);
+        // What Go rejects, and humantime (or a bare number of seconds) would accept.
+        for bad in [
+            "", "90", "1d", "1w", "30 m", "30min", "1h 30m", "m", ".s", "5x", "-", "1.5.5s",
+            "2562048h", " 30m",
+        ] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn do_not_disrupt_values_read_like_karpenter() {
+        assert_eq!(
+            parse_do_not_disrupt("true"),
+            Ok(Some(DoNotDisrupt::Indefinitely))
+        );
+        assert_eq!(parse_do_not_disrupt("false"), Ok(None));
+        assert_eq!(
+            parse_do_not_disrupt(" 30m "),
+            Ok(Some(DoNotDisrupt::For(Duration::from_secs(1800))))
+        );
+        assert_eq!(
+            parse_do_not_disrupt("1h30m"),
+            Ok(Some(DoNotDisrupt::For(Duration::from_secs(5400))))
+        );
+        // Karpenter: zero or negative durations are invalid, and so is everything else.
+        assert!(
+            parse_do_not_disrupt("0s")
+                .unwrap_err()
+                .contains("must be positive")
+        );
+        assert!(
+            parse_do_not_disrupt("-5m")
+                .unwrap_err()
+                .contains("must be positive")
+        );
+        let unparseable = parse_do_not_disrupt("1d").unwrap_err();
+        assert!(
+            unparseable.contains("expected \"true\" or a duration such as \"30m\""),
+            "{unparseable}"
+        );
+        assert!(unparseable.contains("unknown unit \"d\""), "{unparseable}");
+        assert!(parse_do_not_disrupt("True").is_err());
+    }
+
+    #[test]
+    fn a_do_not_disrupt_duration_holds_voluntary_drains_only() {
+        let none = ClusterPolicy::default();
+        let pod = || {
+            PodBuilder::new("ns", "p").annotation(names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT, "30m")
+        };
+        // Voluntary: the strategy is what it would be without the annotation, with a hold.
+        let p = resolve(pod(), &none, true);
+        assert_eq!(p.strategy, Strategy::Evict);
+        assert_eq!(
+            p.hold,
+            Some(Hold {
+                value: "30m".to_string(),
+                duration: Duration::from_secs(1800)
+            })
+        );
+        assert!(p.warnings.is_empty());
+        let rule = ClusterPolicy::from_yaml("rules:\n  - strategy: delete\n").unwrap();
+        let p = resolve(pod(), &rule, true);
+        assert_eq!((p.strategy, p.hold.is_some()), (Strategy::Delete, true));
+        // Involuntary: ignored, and the reason says so.
+        let p = resolve(pod(), &none, false);
+        assert_eq!(p.hold, None);
+        assert_eq!(
+            p.strategy_reason,
+            "default; karpenter.sh/do-not-disrupt=30m ignored on an involuntary drain"
+        );
+        // The strategy annotation decides alone; an indefinite opt-out already waits.
+        let p = resolve(
+            pod().annotation(names::ANNOTATION_STRATEGY, "evict"),
+            &none,
+            true,
+        );
+        assert_eq!((p.strategy, p.hold), (Strategy::Evict, None));
+        let p = resolve(
+            pod().annotation(names::ANNOTATION_CA_SAFE_TO_EVICT, "false"),
+            &none,
+            true,
+        );
+        assert_eq!((p.strategy, p.hold), (Strategy::Wait, None));
+        // "true" keeps its meaning.
+        let p = resolve(
+            PodBuilder::new("ns", "p")
+                .annotation(names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT, "true"),
+            &none,
+            true,
+        );
+        assert_eq!((p.strategy, p.hold), (Strategy::Wait, None));
+    }
+
+    #[test]
+    fn an_unparseable_do_not_disrupt_value_warns_and_counts_as_absent() {
+        let p = resolve(
+            PodBuilder::new("ns", "p").annotation(names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT, "1d"),
+            &ClusterPolicy::default(),
+            true,
+        );
+        assert_eq!((p.strategy, p.hold), (Strategy::Evict, None));
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].value, "1d");
+        assert_eq!(
+            p.warnings[0].to_string(),
+            "annotation karpenter.sh/do-not-disrupt=\"1d\": expected \"true\" or a duration \
+             such as \"30m\" or \"1h30m\" (unknown unit \"d\" in duration \"1d\"); ignored"
+        );
     }
 }

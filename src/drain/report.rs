@@ -47,6 +47,12 @@ pub enum Blocker {
     },
     /// `wait`: the pod has not completed.
     StillRunning,
+    /// `karpenter.sh/do-not-disrupt` with a duration (voluntary drains): the pod is left alone
+    /// until `until`; then the step carries out its strategy.
+    DoNotDisrupt {
+        value: String,
+        until: jiff::Timestamp,
+    },
     /// Evicted or deleted; its containers are still stopping.
     Terminating,
     /// Not started: earlier pods (lower order or tier) are not gone yet.
@@ -92,6 +98,11 @@ impl fmt::Display for Blocker {
                  new Ready pods on other nodes"
             ),
             Blocker::StillRunning => f.write_str("wait: pod still running"),
+            Blocker::DoNotDisrupt { value, until } => write!(
+                f,
+                "{}={value}: left alone until {until}, then drained",
+                crate::names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT
+            ),
             Blocker::Terminating => f.write_str("terminating: containers still stopping"),
             Blocker::EarlierWave { order, tier } => write!(
                 f,

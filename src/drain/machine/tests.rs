@@ -62,6 +62,8 @@ struct ModelPdb {
     name: String,
     app: String,
     min_available: i32,
+    /// `unhealthyPodEvictionPolicy: AlwaysAllow` (else the default, IfHealthyBudget).
+    always_allow: bool,
     /// Pods whose eviction was approved, and when (the apiserver's `disruptedPods`).
     disrupted: BTreeMap<String, Timestamp>,
 }
@@ -86,6 +88,7 @@ impl Cluster {
         self.pods
             .values()
             .filter(|p| p.app == pdb.app && p.gone_at.is_none())
+            .filter(|p| policy::is_pod_ready(&p.pod))
             .filter(|p| {
                 !pdb.disrupted
                     .contains_key(p.pod.metadata.name.as_ref().unwrap())
@@ -108,6 +111,7 @@ impl Cluster {
             spec: Some(PodDisruptionBudgetSpec {
                 min_available: Some(IntOrString::Int(pdb.min_available)),
                 selector: Some(match_labels(&[("app", &pdb.app)])),
+                unhealthy_pod_eviction_policy: pdb.always_allow.then(|| "AlwaysAllow".to_string()),
                 ..Default::default()
             }),
             status: Some(PodDisruptionBudgetStatus {
@@ -166,6 +170,8 @@ struct Sim {
 struct Setup {
     pods: Vec<Pod>,
     pdbs: Vec<(&'static str, &'static str, i32)>,
+    /// PDBs (by name) with `unhealthyPodEvictionPolicy: AlwaysAllow`.
+    always_allow: Vec<&'static str>,
     options: PlanOptions,
     deadline: Option<Timestamp>,
     timeout: Option<Duration>,
@@ -179,6 +185,7 @@ impl Setup {
         Setup {
             pods,
             pdbs: Vec::new(),
+            always_allow: Vec::new(),
             options: PlanOptions::default(),
             deadline: None,
             timeout: Some(Duration::from_secs(600)),
@@ -217,6 +224,7 @@ impl Setup {
                 name: name.to_string(),
                 app: app.to_string(),
                 min_available: *min,
+                always_allow: self.always_allow.contains(name),
                 disrupted: BTreeMap::new(),
             });
         }
@@ -306,7 +314,11 @@ impl Sim {
             Action::Evict { pod, .. } => {
                 // What the machine believes it may spend on this pod's only PDB.
                 let app = self.cluster.pods[&pod.name].app.clone();
-                if let [i] = self.cluster.covering(&app)[..] {
+                // A not-Ready pod may pass without spending the budget; the tests that check
+                // budgets use Ready pods only.
+                let ready = policy::is_pod_ready(&self.cluster.pods[&pod.name].pod);
+                if let ([i], true) = (&self.cluster.covering(&app)[..], ready) {
+                    let i = *i;
                     let name = self.cluster.pdbs[i].name.clone();
                     self.unreflected
                         .entry(name)
@@ -346,8 +358,21 @@ impl Sim {
                 let outcome = if model.gone_at.is_some() {
                     EvictOutcome::Evicted
                 } else {
+                    let pdb = |i: usize| &self.cluster.pdbs[i];
+                    // The apiserver's order: a not-Ready pod under AlwaysAllow, or while the
+                    // budget is met, goes without spending it.
+                    let unhealthy_passes = |i: usize| {
+                        !policy::is_pod_ready(&model.pod)
+                            && (pdb(i).always_allow
+                                || (pdb(i).min_available > 0
+                                    && self.cluster.healthy(pdb(i)) >= pdb(i).min_available))
+                    };
                     match covering[..] {
                         [] => EvictOutcome::Evicted,
+                        [i] if unhealthy_passes(i) => {
+                            self.forget_unreflected(&pod.name);
+                            EvictOutcome::Evicted
+                        }
                         [i] if self.cluster.allowed(&self.cluster.pdbs[i]) > 0 => {
                             // The eviction handler writes the budget it spends (the pod in
                             // `disruptedPods`) before it deletes the pod.
@@ -929,6 +954,213 @@ fn an_own_eviction_in_flight_is_left_to_its_answer() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// karpenter.sh/do-not-disrupt durations
+// ---------------------------------------------------------------------------------------------
+
+/// A pod of `app` that started at `started` and asks Karpenter's do-not-disrupt for `value`.
+fn held_pod(name: &str, app: &str, value: &str, started: Timestamp) -> Pod {
+    let mut pod = app_pod(name, app, 5);
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT.to_string(),
+            value.to_string(),
+        );
+    pod.status.get_or_insert_with(Default::default).start_time = Some(Time(started));
+    pod
+}
+
+/// Every blocker reported for `pod`, with when.
+fn blockers_of(sim: &Sim, pod: &str) -> Vec<(Timestamp, Blocker)> {
+    sim.log
+        .iter()
+        .filter_map(|(at, action)| match action {
+            Action::Progress {
+                event:
+                    ProgressEvent::Pod {
+                        pod: p,
+                        change: PodChange::Blocked { blocker },
+                        ..
+                    },
+                ..
+            } if p.name == pod => Some((*at, blocker.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_do_not_disrupt_duration_holds_its_pod_then_the_drain_proceeds() {
+    // Started 10 minutes before the drain with "30m": held until 20 minutes into it.
+    let pods = vec![
+        held_pod("batch-0", "batch", "30m", t(-600)),
+        app_pod("web-0", "web", 5),
+    ];
+    let mut setup = Setup::new(pods);
+    setup.timeout = Some(Duration::from_secs(3600));
+    let mut sim = setup.start();
+    sim.run(t(1199));
+    assert_eq!(
+        blockers_of(&sim, "batch-0"),
+        vec![(
+            t(0),
+            Blocker::DoNotDisrupt {
+                value: "30m".to_string(),
+                until: t(1200)
+            }
+        )],
+        "the hold is reported once, with its end"
+    );
+    let stopped = sim.stopped_at();
+    assert_eq!(stopped.get("web-0"), Some(&t(0)), "the others do not wait");
+    assert_eq!(
+        stopped.get("batch-0"),
+        None,
+        "nothing is sent during the hold"
+    );
+    assert_eq!(
+        sim.machine.next_wake(),
+        Some(t(1200)),
+        "time alone ends the hold"
+    );
+    sim.run(t(3600));
+    assert_eq!(sim.stopped_at()["batch-0"], t(1200));
+    let report = sim.report();
+    assert_eq!(report.outcome, DrainOutcome::Drained);
+    assert!(sim.deletes().is_empty(), "evicted, not deleted");
+}
+
+#[test]
+fn a_hold_past_the_timeout_ends_the_drain_naming_it() {
+    let mut sim = Setup::new(vec![held_pod("batch-0", "batch", "2h", t(0))]).start();
+    sim.run(t(700));
+    let report = sim.report();
+    assert_eq!(report.outcome, DrainOutcome::TimedOut);
+    assert_eq!(
+        report.nodes[0].pods[0].blocker,
+        Some(Blocker::DoNotDisrupt {
+            value: "2h".to_string(),
+            until: t(7200)
+        })
+    );
+    assert!(sim.stopped_at().is_empty());
+    assert_eq!(
+        report.nodes[0].pods[0]
+            .blocker
+            .as_ref()
+            .unwrap()
+            .to_string(),
+        format!(
+            "karpenter.sh/do-not-disrupt=2h: left alone until {}, then drained",
+            t(7200)
+        )
+    );
+}
+
+#[test]
+fn a_hold_that_ended_while_earlier_waves_drained_does_not_wait_again() {
+    // The held pod is critical, so it starts once the app pod (grace 20 s) is gone.
+    let mut critical = held_pod("dns-0", "dns", "10s", t(0));
+    critical
+        .spec
+        .get_or_insert_with(Default::default)
+        .priority_class_name = Some("system-cluster-critical".to_string());
+    let mut sim = Setup::new(vec![critical, app_pod("app-0", "app", 20)]).start();
+    sim.run(t(600));
+    assert_eq!(sim.stopped_at()["dns-0"], t(20));
+    assert!(
+        blockers_of(&sim, "dns-0")
+            .iter()
+            .all(|(_, b)| !matches!(b, Blocker::DoNotDisrupt { .. }))
+    );
+}
+
+#[test]
+fn an_involuntary_drain_ignores_the_hold() {
+    let mut sim = Setup::new(vec![held_pod("batch-0", "batch", "30m", t(0))])
+        .involuntary(t(120))
+        .start();
+    sim.run(t(200));
+    assert_eq!(sim.stopped_at()["batch-0"], t(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// unhealthyPodEvictionPolicy
+// ---------------------------------------------------------------------------------------------
+
+fn not_ready(mut pod: Pod) -> Pod {
+    pod.status.get_or_insert_with(Default::default).conditions = Some(vec![PodCondition {
+        type_: "Ready".to_string(),
+        status: "False".to_string(),
+        ..Default::default()
+    }]);
+    pod
+}
+
+#[test]
+fn a_not_ready_pod_under_always_allow_is_evicted_at_a_spent_budget() {
+    // minAvailable 2 of 2, one not Ready: the budget allows nothing.
+    let pods = || {
+        vec![
+            app_pod("web-0", "web", 5),
+            not_ready(app_pod("web-1", "web", 5)),
+        ]
+    };
+    let mut setup = Setup::new(pods()).pdb("web", "web", 2);
+    setup.always_allow.push("web");
+    let mut sim = setup.start();
+    sim.run(t(700));
+    assert_eq!(sim.stopped_at().get("web-1"), Some(&t(0)));
+    let report = sim.report();
+    assert_eq!(
+        report.outcome,
+        DrainOutcome::TimedOut,
+        "the Ready pod still waits"
+    );
+    let web0 = report.nodes[0]
+        .pods
+        .iter()
+        .find(|p| p.pod.name == "web-0")
+        .unwrap();
+    assert!(matches!(&web0.blocker, Some(Blocker::Pdb { name, .. }) if name == "web"));
+
+    // The default policy: the not-Ready pod waits with the others.
+    let mut sim = Setup::new(pods()).pdb("web", "web", 2).start();
+    sim.run(t(700));
+    assert!(sim.stopped_at().is_empty());
+    assert!(
+        sim.log
+            .iter()
+            .all(|(_, a)| !matches!(a, Action::Evict { .. }))
+    );
+}
+
+#[test]
+fn a_pod_that_turns_not_ready_is_looked_at_again_at_once() {
+    let mut setup = Setup::new(vec![app_pod("web-0", "web", 5), app_pod("web-1", "web", 5)])
+        .pdb("web", "web", 2);
+    setup.always_allow.push("web");
+    let mut sim = setup.start();
+    sim.run(t(5));
+    assert!(sim.stopped_at().is_empty(), "both Ready, budget spent");
+    let sick = not_ready(sim.cluster.pods["web-1"].pod.clone());
+    sim.cluster.pods.get_mut("web-1").unwrap().pod = sick.clone();
+    sim.now = t(6);
+    let node = sim.node;
+    sim.feed(Input::NodePods {
+        node,
+        event: WatchEvent::Apply(sick),
+    });
+    sim.run(t(6));
+    assert_eq!(
+        sim.stopped_at().get("web-1"),
+        Some(&t(6)),
+        "not at the next backoff"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Surge
 // ---------------------------------------------------------------------------------------------
 
@@ -1175,6 +1407,40 @@ proptest! {
         sim.run(t(700));
         prop_assert_eq!(sim.report().outcome, DrainOutcome::Drained);
         prop_assert!(sim.stopped_at()["web-old"] >= ready_at);
+    }
+
+    #[test]
+    fn a_held_pod_is_left_alone_until_its_hold_ends_and_no_longer(
+        holds in proptest::collection::vec((proptest::option::of(1i64..900), 0i64..900), 1..6),
+        latency_ms in 0u64..2000,
+    ) {
+        // Each pod its own app without a PDB, so nothing but the hold can delay it.
+        let pods: Vec<Pod> = holds
+            .iter()
+            .enumerate()
+            .map(|(i, (hold, age))| match hold {
+                Some(secs) => held_pod(&format!("p{i}"), &format!("a{i}"), &format!("{secs}s"), t(-age)),
+                None => app_pod(&format!("p{i}"), &format!("a{i}"), 5),
+            })
+            .collect();
+        let mut setup = Setup::new(pods);
+        setup.timeout = Some(Duration::from_secs(3600));
+        let mut sim = setup.start();
+        sim.latency = Duration::from_millis(latency_ms);
+        sim.run(t(3600));
+        prop_assert_eq!(sim.report().outcome, DrainOutcome::Drained);
+        let stopped = sim.stopped_at();
+        let latency = jiff::SignedDuration::try_from(Duration::from_millis(latency_ms)).unwrap();
+        for (i, (hold, age)) in holds.iter().enumerate() {
+            let until = match hold {
+                Some(secs) => t(secs - age).max(t(0)),
+                None => t(0),
+            };
+            let at = stopped[&format!("p{i}")];
+            // The eviction is sent at `until` and accepted `latency` later.
+            prop_assert!(at >= until, "p{} stopped at {} before its hold ended at {}", i, at, until);
+            prop_assert!(at <= until + latency, "p{} stopped at {}, its hold ended at {}", i, at, until);
+        }
     }
 
     #[test]
