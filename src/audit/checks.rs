@@ -324,6 +324,7 @@ fn audit_workload(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>
     if s.uses_eviction() {
         multiple_pdbs(ctx, s, out);
         pdb_blocks(ctx, s, out);
+        unhealthy_pods_blocked(ctx, s, out);
         no_pdb_on_spot(ctx, s, out);
     }
     prestop(s, out);
@@ -340,7 +341,10 @@ fn annotation_fix(key: &str) -> &'static str {
         names::ANNOTATION_GRACE_PERIOD => {
             "set it to a whole number of seconds such as \"30\", or remove it"
         }
-        names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT => "set it to \"true\", or remove it",
+        names::ANNOTATION_KARPENTER_DO_NOT_DISRUPT => {
+            "set it to \"true\" or to a duration in Go's syntax such as \"30m\" or \"1h30m\" \
+             (Karpenter's grammar: no days, no spaces), or remove it"
+        }
         names::ANNOTATION_CA_SAFE_TO_EVICT => "set it to \"false\" or \"true\"",
         _ => "set it to \"true\" or \"false\"",
     }
@@ -628,9 +632,25 @@ fn single_replica(s: &Subject<'_, '_>, out: &mut Vec<Finding>) {
     ));
 }
 
+/// The names of up to five pods (of the workload's namespace), then how many more: enough to
+/// find them with kubectl.
+fn pod_list(pods: &[&Pod]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = names_of(
+        pods.iter()
+            .take(SHOWN)
+            .map(|p| p.metadata.name.as_deref().unwrap_or_default()),
+    );
+    if pods.len() > SHOWN {
+        text.push_str(&format!(" and {} more", pods.len() - SHOWN));
+    }
+    text
+}
+
 fn multiple_pdbs(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>) {
     let pods = s.w.pods();
     let mut overlapping = 0;
+    let mut overlapping_pods: Vec<&Pod> = Vec::new();
     let mut names: Vec<&str> = Vec::new();
     for pod in &pods {
         let matching: Vec<&str> = s
@@ -642,6 +662,7 @@ fn multiple_pdbs(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>)
             .collect();
         if matching.len() > 1 {
             overlapping += 1;
+            overlapping_pods.push(pod);
             for name in matching {
                 if !names.contains(&name) {
                     names.push(name);
@@ -653,12 +674,15 @@ fn multiple_pdbs(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>)
         return;
     }
     names.sort();
+    // The pods by name, so `kubectl get pod` finds them; the template stands for pods to come.
     let which = if s.w.live.is_empty() {
         "its pods are".to_string()
     } else {
         format!(
-            "{overlapping} of its {} are",
-            plural(pods.len() as i64, "pod", "pods")
+            "{overlapping} of its {} ({}) {}",
+            plural(pods.len() as i64, "pod", "pods"),
+            pod_list(&overlapping_pods),
+            if overlapping == 1 { "is" } else { "are" }
         )
     };
     out.push(finding(
@@ -734,6 +758,88 @@ fn pdb_blocks(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>) {
         };
         out.push(finding(
             FindingId::PdbBlocksAllDisruptions,
+            Severity::Error,
+            message,
+            fix,
+        ));
+    }
+}
+
+/// Pods that are not Ready now, under a PDB whose `unhealthyPodEvictionPolicy` is
+/// `IfHealthyBudget` (the default) and whose healthy pods fall short: the Eviction API refuses
+/// them (see [`policy::budget_bypass`]) although they serve nothing, so every drain of their
+/// nodes waits. `AlwaysAllow` lets them go and still protects the Ready ones, which fits
+/// interchangeable replicas; for a quorum workload it may not.
+fn unhealthy_pods_blocked(ctx: &Context<'_>, s: &Subject<'_, '_>, out: &mut Vec<Finding>) {
+    for &i in &s.pdbs {
+        let pdb = &ctx.inventory.pdbs[i];
+        let policy = policy::unhealthy_pod_eviction_policy(pdb);
+        if policy == policy::UnhealthyPodEvictionPolicy::AlwaysAllow {
+            continue;
+        }
+        let Some(status) = pdb.status.as_ref() else {
+            continue;
+        };
+        let (current, desired) = (
+            status.current_healthy.unwrap_or(0),
+            status.desired_healthy.unwrap_or(0),
+        );
+        let allowed = status.disruptions_allowed.unwrap_or(0);
+        let stuck: Vec<&Pod> = s
+            .w
+            .live
+            .iter()
+            .copied()
+            .filter(|p| policy::pdb_matches_pod(pdb, p) && p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                let health = policy::PodHealth::of(p);
+                // What the Eviction API refuses today: no bypass, and no budget to spend.
+                allowed <= 0 && !health.ready && policy::budget_bypass(health, pdb).is_none()
+            })
+            .collect();
+        if stuck.is_empty() {
+            continue;
+        }
+        let name = pdb_name(pdb);
+        let set = if pdb
+            .spec
+            .as_ref()
+            .and_then(|s| s.unhealthy_pod_eviction_policy.as_ref())
+            .is_some()
+        {
+            policy.to_string()
+        } else {
+            format!("unset, so {policy}")
+        };
+        let message = format!(
+            "{} not Ready ({}), and PDB {name} (unhealthyPodEvictionPolicy {set}) has {current} \
+             healthy of {desired} needed: the Eviction API refuses to evict a not-Ready pod \
+             until the budget is met, so a drain of its node waits for a pod that serves \
+             nothing, until its timeout (or, on a spot interruption, the deadline)",
+            if stuck.len() == 1 {
+                "1 pod is".to_string()
+            } else {
+                format!("{} pods are", stuck.len())
+            },
+            pod_list(&stuck),
+        );
+        let fix = if s.kind() == "StatefulSet" {
+            format!(
+                "find out why the pods are not Ready; set spec.unhealthyPodEvictionPolicy: \
+                 AlwaysAllow on PDB {name} only if its members are interchangeable: for a quorum \
+                 workload (etcd, ZooKeeper, Kafka, a database cluster) a not-Ready member may be \
+                 catching up, and evicting it may cost the quorum the budget protects"
+            )
+        } else {
+            format!(
+                "set spec.unhealthyPodEvictionPolicy: AlwaysAllow on PDB {name}: not-Ready pods \
+                 are then evicted whatever the budget, and the Ready ones stay protected (keep \
+                 IfHealthyBudget only if a not-Ready pod still holds state others depend on, \
+                 as a quorum member does)"
+            )
+        };
+        out.push(finding(
+            FindingId::UnhealthyPodsBlockEviction,
             Severity::Error,
             message,
             fix,

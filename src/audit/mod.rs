@@ -154,6 +154,9 @@ pub enum FindingId {
     SurgeNeedsDeployment,
     /// A pod is selected by more than one PDB: the Eviction API refuses it.
     MultiplePdbs,
+    /// Pods not Ready now under a PDB with `unhealthyPodEvictionPolicy: IfHealthyBudget` whose
+    /// budget is not met: the Eviction API refuses them although they serve nothing.
+    UnhealthyPodsBlockEviction,
     /// A PDB that selects no pod and no pod template.
     PdbSelectsNothing,
     /// A workload that can run on spot nodes and has no PDB.
@@ -182,11 +185,12 @@ pub enum FindingId {
 
 impl FindingId {
     /// Every id, in documentation order.
-    pub const ALL: [FindingId; 16] = [
+    pub const ALL: [FindingId; 17] = [
         FindingId::PdbBlocksAllDisruptions,
         FindingId::SingleReplicaWithoutSurge,
         FindingId::SurgeNeedsDeployment,
         FindingId::MultiplePdbs,
+        FindingId::UnhealthyPodsBlockEviction,
         FindingId::PdbSelectsNothing,
         FindingId::NoPdbOnSpot,
         FindingId::GraceExceedsDeadline,
@@ -207,6 +211,7 @@ impl FindingId {
             FindingId::SingleReplicaWithoutSurge => "single-replica-without-surge",
             FindingId::SurgeNeedsDeployment => "surge-needs-deployment",
             FindingId::MultiplePdbs => "multiple-pdbs",
+            FindingId::UnhealthyPodsBlockEviction => "unhealthy-pods-block-eviction",
             FindingId::PdbSelectsNothing => "pdb-selects-nothing",
             FindingId::NoPdbOnSpot => "no-pdb-on-spot",
             FindingId::GraceExceedsDeadline => "grace-exceeds-deadline",

@@ -330,7 +330,12 @@ fn pods_selected_by_two_pdbs() {
     let report = run(&inv);
     let f = finding(&report, "Deployment/cache", FindingId::MultiplePdbs);
     assert_eq!(f.severity, Severity::Error);
-    assert!(f.message.contains("3 of its 3 pods"), "{}", f.message);
+    assert!(
+        f.message
+            .contains("3 of its 3 pods (cache-rs-0, cache-rs-1, cache-rs-2) are"),
+        "{}",
+        f.message
+    );
     assert!(f.message.contains("cache, cache-extra"), "{}", f.message);
     assert!(!has(&report, "Deployment/web", FindingId::MultiplePdbs));
 }
@@ -1102,4 +1107,160 @@ fn never_panics_on_empty_objects() {
     };
     let report = run(&inv);
     assert!(!report.workloads.is_empty());
+}
+
+/// Marks the live pods named `names` Ready, the others not.
+fn set_ready(inv: &mut Inventory, ready: &[&str]) {
+    for pod in &mut inv.pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = if ready.contains(&name.as_str()) {
+            "True"
+        } else {
+            "False"
+        };
+        pod.status.get_or_insert_with(Default::default).conditions =
+            Some(vec![from(json!({"type": "Ready", "status": status}))]);
+    }
+}
+
+fn with_status(mut pdb: PodDisruptionBudget, current: i32, desired: i32) -> PodDisruptionBudget {
+    pdb.status = Some(from(json!({
+        "currentHealthy": current,
+        "desiredHealthy": desired,
+        "disruptionsAllowed": (current - desired).max(0),
+        "expectedPods": 3,
+    })));
+    pdb
+}
+
+#[test]
+fn not_ready_pods_under_if_healthy_budget_are_named_and_always_allow_is_recommended() {
+    let mut inv = inventory();
+    inv.deployments.push(deployment("web", 3, template("web")));
+    run_pods(&mut inv, "web", 3, "n1");
+    set_ready(&mut inv, &["web-rs-0"]);
+    inv.pdbs.push(with_status(
+        pdb("web", "web", json!({"minAvailable": 2})),
+        1,
+        2,
+    ));
+    let report = run(&inv);
+    let f = finding(
+        &report,
+        "Deployment/web",
+        FindingId::UnhealthyPodsBlockEviction,
+    );
+    assert_eq!(f.severity, Severity::Error);
+    assert_eq!(
+        f.message,
+        "2 pods are not Ready (web-rs-1, web-rs-2), and PDB web (unhealthyPodEvictionPolicy \
+         unset, so IfHealthyBudget) has 1 healthy of 2 needed: the Eviction API refuses to evict \
+         a not-Ready pod until the budget is met, so a drain of its node waits for a pod that \
+         serves nothing, until its timeout (or, on a spot interruption, the deadline)"
+    );
+    assert!(
+        f.fix
+            .starts_with("set spec.unhealthyPodEvictionPolicy: AlwaysAllow on PDB web"),
+        "{}",
+        f.fix
+    );
+
+    // AlwaysAllow already: nothing to say.
+    inv.pdbs[0] = with_status(
+        pdb(
+            "web",
+            "web",
+            json!({"minAvailable": 2, "unhealthyPodEvictionPolicy": "AlwaysAllow"}),
+        ),
+        1,
+        2,
+    );
+    assert!(!has(
+        &run(&inv),
+        "Deployment/web",
+        FindingId::UnhealthyPodsBlockEviction
+    ));
+    // The budget met: the apiserver evicts the not-Ready pods anyway.
+    inv.pdbs[0] = with_status(pdb("web", "web", json!({"minAvailable": 1})), 1, 1);
+    assert!(!has(
+        &run(&inv),
+        "Deployment/web",
+        FindingId::UnhealthyPodsBlockEviction
+    ));
+    // Everything Ready: nothing blocked by health.
+    inv.pdbs[0] = with_status(pdb("web", "web", json!({"minAvailable": 3})), 3, 3);
+    set_ready(&mut inv, &["web-rs-0", "web-rs-1", "web-rs-2"]);
+    assert!(!has(
+        &run(&inv),
+        "Deployment/web",
+        FindingId::UnhealthyPodsBlockEviction
+    ));
+}
+
+#[test]
+fn always_allow_is_not_pressed_on_a_quorum_workload() {
+    let mut inv = inventory();
+    inv.stateful_sets
+        .push(stateful_set("etcd", 3, template("etcd")));
+    for i in 0..3 {
+        let mut pod = template("etcd");
+        pod["metadata"]["name"] = json!(format!("etcd-{i}"));
+        pod["metadata"]["namespace"] = json!(NS);
+        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
+            "kind": "StatefulSet", "name": "etcd", "uid": "u", "controller": true}]);
+        pod["spec"]["nodeName"] = json!("n1");
+        pod["status"] = json!({"phase": "Running"});
+        inv.pods.push(from(pod));
+    }
+    set_ready(&mut inv, &["etcd-0"]);
+    inv.pdbs.push(with_status(
+        pdb(
+            "etcd",
+            "etcd",
+            json!({"minAvailable": 2, "unhealthyPodEvictionPolicy": "IfHealthyBudget"}),
+        ),
+        1,
+        2,
+    ));
+    let report = run(&inv);
+    let f = finding(
+        &report,
+        "StatefulSet/etcd",
+        FindingId::UnhealthyPodsBlockEviction,
+    );
+    assert!(
+        f.message
+            .contains("unhealthyPodEvictionPolicy IfHealthyBudget)"),
+        "{}",
+        f.message
+    );
+    assert!(
+        f.fix.starts_with("find out why the pods are not Ready"),
+        "{}",
+        f.fix
+    );
+    assert!(f.fix.contains("quorum"), "{}", f.fix);
+}
+
+#[test]
+fn a_do_not_disrupt_duration_is_valid_and_a_bad_one_is_explained() {
+    let mut inv = inventory();
+    let good = annotate(template("batch"), "karpenter.sh/do-not-disrupt", "1h30m");
+    inv.deployments.push(deployment("batch", 2, good));
+    let bad = annotate(template("train"), "karpenter.sh/do-not-disrupt", "2 hours");
+    inv.deployments.push(deployment("train", 2, bad));
+    let report = run(&inv);
+    assert!(!has(
+        &report,
+        "Deployment/batch",
+        FindingId::InvalidAnnotation
+    ));
+    let f = finding(&report, "Deployment/train", FindingId::InvalidAnnotation);
+    assert!(
+        f.message
+            .contains("expected \"true\" or a duration such as \"30m\" or \"1h30m\""),
+        "{}",
+        f.message
+    );
+    assert!(f.fix.contains("Go's syntax"), "{}", f.fix);
 }
