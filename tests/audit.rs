@@ -387,14 +387,24 @@ fn every_kind_of_finding_matches_the_schema() {
                                           json!({}))}}))],
         jobs: vec![from(json!({"metadata": {"name": "e", "namespace": "ns"},
             "spec": {"template": template("e", json!({}), json!({}))}}))],
-        pods: vec![from(json!({"metadata": {"name": "f", "namespace": "ns"},
-            "spec": {"containers": [{"name": "f"}]}, "status": {"phase": "Running"}}))],
+        // bare-pod; unhealthy-pods-block-eviction (not Ready, under PDB f short of its budget).
+        pods: vec![from(
+            json!({"metadata": {"name": "f", "namespace": "ns", "labels": {"app": "f"}},
+            "spec": {"containers": [{"name": "f"}]}, "status": {"phase": "Running"}}),
+        )],
         pdbs: vec![
             pdb("a", "a", json!({"minAvailable": 1})),
             pdb("b1", "b", json!({"maxUnavailable": 1})),
             pdb("b2", "b", json!({"maxUnavailable": 1})),
             pdb("d", "d", json!({"maxUnavailable": 1})),
             pdb("nothing", "zzz", json!({"maxUnavailable": 1})),
+            {
+                let mut f: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+                    pdb("f", "f", json!({"minAvailable": 1}));
+                f.status = Some(from(json!({"currentHealthy": 0, "desiredHealthy": 1,
+                    "disruptionsAllowed": 0, "expectedPods": 1})));
+                f
+            },
         ],
         services: vec![service("a"), service("b"), service("c")],
         nodes: vec![from(
