@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use nodedrain::names;
 use serde_json::{Value, json};
-use support::drain::{deployment, name_of, on_node, pdb, pod, wait_for_budget};
+use support::drain::{
+    deployment, deployment_on_first_node, name_of, on_node, pdb, pod, wait_for_budget,
+};
 use support::{Sandbox, ready_pods};
 
 struct Output {
@@ -264,14 +266,8 @@ async fn plan_drain_and_uncordon_from_the_command_line() {
 async fn a_voluntary_drain_that_times_out_names_what_blocked_it() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("cli-timeout").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
+    let (_, target) = deployment_on_first_node(&scope, 2, "stuck", 1, 1, json!({})).await;
     let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "stuck", 1, 1, json!({})).await;
-        ready_pods(&pods, "app=stuck", 1, Duration::from_secs(60)).await;
-    })
-    .await;
     pdb(&scope, "stuck", "stuck", json!({"minAvailable": 1})).await;
     wait_for_budget(&scope, "stuck", 0).await;
     let stuck = ready_pods(&pods, "app=stuck", 1, Duration::from_secs(5)).await[0]

@@ -13,8 +13,8 @@ use nodedrain::drain::report::{Blocker, DrainOutcome, PodChange, ProgressEvent};
 use nodedrain::names;
 use serde_json::json;
 use support::drain::{
-    deployment, drain, events_about, lines, name_of, on_node, options, pdb, rest, scale,
-    spawn_drain, until, wait_for_budget,
+    deployment_on_first_node, drain, events_about, lines, options, pdb, rest, scale, spawn_drain,
+    until, wait_for_budget,
 };
 use support::{Sandbox, ready_pods};
 
@@ -26,14 +26,8 @@ fn is_blocked(event: &ProgressEvent, pred: impl Fn(&Blocker) -> bool) -> bool {
 async fn a_pdb_blocked_eviction_goes_through_once_the_budget_allows() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("unblock").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
+    let (_, target) = deployment_on_first_node(&scope, 2, "web", 2, 1, json!({})).await;
     let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "web", 2, 1, json!({})).await;
-        ready_pods(&pods, "app=web", 2, Duration::from_secs(60)).await;
-    })
-    .await;
     pdb(&scope, "web", "web", json!({"minAvailable": 2})).await;
     wait_for_budget(&scope, "web", 0).await;
 
@@ -88,14 +82,7 @@ async fn a_pdb_blocked_eviction_goes_through_once_the_budget_allows() {
 async fn a_pod_under_two_pdbs_is_reported_and_rechecked_when_a_pdb_goes() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("twopdbs").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
-    let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "dual", 2, 1, json!({})).await;
-        ready_pods(&pods, "app=dual", 2, Duration::from_secs(60)).await;
-    })
-    .await;
+    let (_, target) = deployment_on_first_node(&scope, 2, "dual", 2, 1, json!({})).await;
     pdb(&scope, "dual-a", "dual", json!({"maxUnavailable": 1})).await;
     pdb(&scope, "dual-b", "dual", json!({"maxUnavailable": 1})).await;
     wait_for_budget(&scope, "dual-a", 1).await;
@@ -162,14 +149,8 @@ async fn a_pod_under_two_pdbs_is_reported_and_rechecked_when_a_pdb_goes() {
 async fn at_the_deadline_a_blocked_pod_is_deleted_with_an_event() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("deadline").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
+    let (_, target) = deployment_on_first_node(&scope, 2, "stuck", 1, 2, json!({})).await;
     let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "stuck", 1, 2, json!({})).await;
-        ready_pods(&pods, "app=stuck", 1, Duration::from_secs(60)).await;
-    })
-    .await;
     // A budget that never allows a disruption of a single replica.
     pdb(&scope, "stuck", "stuck", json!({"minAvailable": 1})).await;
     wait_for_budget(&scope, "stuck", 0).await;
@@ -246,14 +227,8 @@ async fn at_the_deadline_a_blocked_pod_is_deleted_with_an_event() {
 async fn an_approved_eviction_that_never_deleted_its_pod_is_completed() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("approved").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
+    let (_, target) = deployment_on_first_node(&scope, 2, "web", 2, 2, json!({})).await;
     let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "web", 2, 2, json!({})).await;
-        ready_pods(&pods, "app=web", 2, Duration::from_secs(60)).await;
-    })
-    .await;
     pdb(&scope, "web", "web", json!({"minAvailable": 1})).await;
     wait_for_budget(&scope, "web", 1).await;
     let victim = ready_pods(&pods, "app=web", 2, Duration::from_secs(5)).await[0]

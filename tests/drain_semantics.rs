@@ -16,8 +16,8 @@ use nodedrain::drain::execute::DrainRequest;
 use nodedrain::drain::report::{Blocker, DrainOutcome, PodChange, ProgressEvent};
 use serde_json::{Value, json};
 use support::drain::{
-    deployment, drain, lines, name_of, on_node, options, pdb, rest, spawn_drain, until,
-    wait_for_budget,
+    deployment, deployment_on_first_node, drain, lines, name_of, on_node, options, pdb, rest,
+    spawn_drain, until, wait_for_budget,
 };
 use support::{Sandbox, ready_pods, wait_for};
 
@@ -191,14 +191,8 @@ async fn make_not_ready(scope: &support::Scope, pod: &str, pdb: &str, healthy: i
 async fn a_not_ready_pod_leaves_past_a_spent_budget_only_under_always_allow() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("unhealthy").await;
-    let nodes = scope.nodes(2).await;
-    let target = name_of(&nodes[0]);
+    let (_, target) = deployment_on_first_node(&scope, 2, "web", 3, 1, json!({})).await;
     let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "web", 3, 1, json!({})).await;
-        ready_pods(&pods, "app=web", 3, Duration::from_secs(60)).await;
-    })
-    .await;
     pdb(&scope, "web", "web", json!({"minAvailable": 3})).await;
     wait_for_budget(&scope, "web", 0).await;
     let names = pod_names(&scope, "app=web").await;
@@ -318,14 +312,7 @@ async fn a_not_ready_pod_leaves_past_a_spent_budget_only_under_always_allow() {
 async fn audit_names_the_pods_under_two_pdbs() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("auditdual").await;
-    let nodes = scope.nodes(1).await;
-    let target = name_of(&nodes[0]);
-    let pods = scope.pods();
-    on_node(&scope, &nodes, &target, || async {
-        deployment(&scope, "dual", 2, 1, json!({})).await;
-        ready_pods(&pods, "app=dual", 2, Duration::from_secs(60)).await;
-    })
-    .await;
+    deployment_on_first_node(&scope, 1, "dual", 2, 1, json!({})).await;
     pdb(&scope, "dual-a", "dual", json!({"maxUnavailable": 1})).await;
     pdb(&scope, "dual-b", "dual", json!({"maxUnavailable": 1})).await;
     let names = pod_names(&scope, "app=dual").await;

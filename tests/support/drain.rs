@@ -61,6 +61,33 @@ where
     }
 }
 
+/// `node_count` nodes and a Deployment `name` of `replicas` Ready pods, all on the first node;
+/// the others stay empty to take what the first node's drain moves. Returns the nodes and the
+/// first one's name.
+pub async fn deployment_on_first_node(
+    scope: &Scope,
+    node_count: usize,
+    name: &str,
+    replicas: i32,
+    grace: i64,
+    annotations: Value,
+) -> (Vec<Node>, String) {
+    let nodes = scope.nodes(node_count).await;
+    let target = name_of(&nodes[0]);
+    on_node(scope, &nodes, &target, || async {
+        deployment(scope, name, replicas, grace, annotations).await;
+        super::ready_pods(
+            &scope.pods(),
+            &format!("app={name}"),
+            replicas as usize,
+            Duration::from_secs(60),
+        )
+        .await;
+    })
+    .await;
+    (nodes, target)
+}
+
 /// A Deployment `name` (label app=name) with pod-template annotations.
 pub async fn deployment(scope: &Scope, name: &str, replicas: i32, grace: i64, annotations: Value) {
     deployment_with(scope, name, replicas, grace, annotations, json!({})).await;
