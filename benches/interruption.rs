@@ -810,13 +810,23 @@ async fn ceiling(sandbox: &Sandbox, nodes: usize, per_node: usize) -> (usize, Du
     for node in &drained {
         set_unschedulable(&scope, &name_of(node), true).await;
     }
-    let pods = scope
+    let names: BTreeSet<String> = drained.iter().map(name_of).collect();
+    // The ReplicaSets adopt the bound pods, but one that sees a pod late creates a surplus
+    // replica and deletes it again: a list taken now held 605 pods for 600 replicas, and the
+    // wait below never saw 605 replacements. Count the replicas, evict what is on the nodes.
+    let count = nodes * per_node;
+    let pods: Vec<Pod> = scope
         .pods()
         .list(&ListParams::default())
         .await
         .expect("list pods")
-        .items;
-    let count = pods.len();
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && names.contains(&node_of(p).unwrap_or_default())
+        })
+        .collect();
     let start = Instant::now();
     futures::stream::iter(pods)
         .for_each_concurrent(64, |pod| {
@@ -826,7 +836,6 @@ async fn ceiling(sandbox: &Sandbox, nodes: usize, per_node: usize) -> (usize, Du
             }
         })
         .await;
-    let names: BTreeSet<String> = drained.iter().map(name_of).collect();
     wait_pods(
         &scope,
         count,
