@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
-use elbv2::types::{ProtocolEnum, TargetDescription, TargetGroupAttribute, TargetTypeEnum};
+use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, PostParams};
@@ -53,32 +53,14 @@ async fn target_group(
     port: i32,
     delay: u64,
 ) -> String {
-    let arn = elb
+    let request = elb
         .create_target_group()
         .name(name)
         .protocol(ProtocolEnum::Tcp)
         .port(port)
         .vpc_id(vpc)
-        .target_type(kind)
-        .send()
-        .await
-        .expect("create target group")
-        .target_groups
-        .and_then(|g| g.into_iter().next())
-        .and_then(|g| g.target_group_arn)
-        .expect("target group arn");
-    elb.modify_target_group_attributes()
-        .target_group_arn(&arn)
-        .attributes(
-            TargetGroupAttribute::builder()
-                .key("deregistration_delay.timeout_seconds")
-                .value(delay.to_string())
-                .build(),
-        )
-        .send()
-        .await
-        .expect("set the deregistration delay");
-    arn
+        .target_type(kind);
+    support::aws::target_group_with_delay(elb, request, delay).await
 }
 
 async fn register(elb: &elbv2::Client, group: &str, id: &str, port: i32) {

@@ -105,7 +105,7 @@ async fn instances(aws: &Aws, subnet: &str, count: i32) -> Vec<String> {
 /// A TCP target group of instance targets on a host port, as behind an NLB, whose health check
 /// passes after `HEALTHY_AFTER`, with a deregistration delay of `DELAY`.
 async fn target_group(aws: &Aws, vpc: &str) -> String {
-    let arn = aws
+    let request = aws
         .elb
         .create_target_group()
         .name(unique("tg"))
@@ -116,27 +116,8 @@ async fn target_group(aws: &Aws, vpc: &str) -> String {
         .health_check_protocol(ProtocolEnum::Tcp)
         .health_check_interval_seconds(5)
         .health_check_timeout_seconds(5)
-        .healthy_threshold_count(2)
-        .send()
-        .await
-        .expect("create target group")
-        .target_groups
-        .and_then(|g| g.into_iter().next())
-        .and_then(|g| g.target_group_arn)
-        .expect("target group arn");
-    aws.elb
-        .modify_target_group_attributes()
-        .target_group_arn(&arn)
-        .attributes(
-            TargetGroupAttribute::builder()
-                .key(DELAY_KEY)
-                .value(DELAY.as_secs().to_string())
-                .build(),
-        )
-        .send()
-        .await
-        .expect("set the deregistration delay");
-    arn
+        .healthy_threshold_count(2);
+    support::aws::target_group_with_delay(&aws.elb, request, DELAY.as_secs()).await
 }
 
 /// An NLB whose listener forwards to the group: from then on the group is in use and its targets'

@@ -284,3 +284,32 @@ async fn hold_until_restored(
     let _ = modes.wait_for(|m| *m != Mode::Stall).await;
     drop(client);
 }
+
+/// Creates the target group `request` describes, sets its deregistration delay to
+/// `delay_seconds`, and returns its ARN.
+pub async fn target_group_with_delay(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    request: aws_sdk_elasticloadbalancingv2::operation::create_target_group::builders::CreateTargetGroupFluentBuilder,
+    delay_seconds: u64,
+) -> String {
+    let arn = request
+        .send()
+        .await
+        .expect("create target group")
+        .target_groups
+        .and_then(|g| g.into_iter().next())
+        .and_then(|g| g.target_group_arn)
+        .expect("target group arn");
+    elb.modify_target_group_attributes()
+        .target_group_arn(&arn)
+        .attributes(
+            aws_sdk_elasticloadbalancingv2::types::TargetGroupAttribute::builder()
+                .key("deregistration_delay.timeout_seconds")
+                .value(delay_seconds.to_string())
+                .build(),
+        )
+        .send()
+        .await
+        .expect("set the deregistration delay");
+    arn
+}
