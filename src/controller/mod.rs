@@ -36,7 +36,7 @@ use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, PolicyError};
 use crate::drain::report::{Blocker, DrainOutcome, DrainReport, PodChange, ProgressEvent};
 use crate::handoff::Handoff;
-use crate::handoff::out_of_service::{GIVE_UP_AFTER, OutOfService};
+use crate::handoff::out_of_service::OutOfService;
 use crate::interruption::events::{Interruption, InterruptionKind, instance_id_from_provider_id};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
@@ -662,9 +662,7 @@ fn resume(shared: &Arc<Shared>, term: &CancellationToken) {
             continue;
         }
         // A finished drain may still wait for its instance to go.
-        if let Some(deadline) = record.deadline
-            && Timestamp::now() < deadline.saturating_add(GIVE_UP_AFTER).unwrap_or(deadline)
-        {
+        if let Some(deadline) = record.deadline {
             watch_out_of_service(shared, &node, &record, deadline);
         }
         let unfinished = match record.phase {

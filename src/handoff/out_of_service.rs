@@ -88,9 +88,13 @@ pub struct Tracker {
 impl Tracker {
     /// Checks `node`'s instance from `from` on, until [`GIVE_UP_AFTER`] later. Asked again for
     /// the same node (a resumed drain, the drain's end before its deadline), the earlier start
-    /// and the later end win.
-    pub fn watch(&mut self, node: &str, instance_id: &str, from: Timestamp) {
+    /// and the later end win. A window that has already closed at `now` (a new leader reading an
+    /// old record) is not opened: the node was given up on, or tainted, long ago.
+    pub fn watch(&mut self, node: &str, instance_id: &str, from: Timestamp, now: Timestamp) {
         let give_up_at = from.saturating_add(GIVE_UP_AFTER).unwrap_or(from);
+        if now >= give_up_at {
+            return;
+        }
         self.waiting
             .entry(node.to_string())
             .and_modify(|w| {
@@ -248,7 +252,7 @@ async fn run(
                 match command {
                     None => return,
                     Some(Command::Watch { node, instance_id, from }) => {
-                        tracker.watch(&node, &instance_id, from)
+                        tracker.watch(&node, &instance_id, from, Timestamp::now())
                     }
                     Some(Command::Clear) => tracker.clear(),
                 }
@@ -292,7 +296,7 @@ async fn run(
                     Err(NodeError::NotFound { .. }) => {}
                     Err(error) => {
                         warn!(node = %node, %error, "cannot taint the node out of service; trying again");
-                        tracker.watch(&node, &instance_id, later(now, CHECK_INTERVAL));
+                        tracker.watch(&node, &instance_id, later(now, CHECK_INTERVAL), now);
                     }
                 },
                 Decision::GiveUp {
@@ -349,7 +353,7 @@ mod tests {
     #[test]
     fn nothing_is_checked_before_the_deadline() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(120));
+        tracker.watch("n1", "i-1", t(120), t(0));
         assert!(tracker.due(t(119)).is_empty());
         assert_eq!(tracker.next_check(), Some(t(120)));
         // Even an answer saying "terminated" does not taint a node not yet due.
@@ -361,7 +365,7 @@ mod tests {
     #[test]
     fn a_running_instance_is_asked_again_and_never_tainted() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(0));
+        tracker.watch("n1", "i-1", t(0), t(0));
         let running = states(&[("i-1", Some("running"))]);
         assert!(tracker.settle(&running, t(0)).is_empty());
         assert_eq!(tracker.next_check(), Some(t(10)));
@@ -382,7 +386,7 @@ mod tests {
     #[test]
     fn an_instance_ec2_no_longer_lists_is_gone() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(0));
+        tracker.watch("n1", "i-1", t(0), t(0));
         let decisions = tracker.settle(&HashMap::new(), t(0));
         assert!(matches!(
             &decisions[..],
@@ -393,7 +397,7 @@ mod tests {
     #[test]
     fn a_survivor_is_given_up_on_after_the_window() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(0));
+        tracker.watch("n1", "i-1", t(0), t(0));
         let window = GIVE_UP_AFTER.as_secs() as i64;
         let running = states(&[("i-1", Some("running"))]);
         assert!(tracker.settle(&running, t(window - 1)).is_empty());
@@ -415,9 +419,9 @@ mod tests {
     #[test]
     fn watching_again_keeps_the_earlier_start_and_the_later_end() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(120));
+        tracker.watch("n1", "i-1", t(120), t(0));
         // The drain ended at 30 s, before the deadline: checks begin now.
-        tracker.watch("n1", "i-1", t(30));
+        tracker.watch("n1", "i-1", t(30), t(0));
         assert_eq!(tracker.next_check(), Some(t(30)));
         let window = GIVE_UP_AFTER.as_secs() as i64;
         let running = states(&[("i-1", Some("running"))]);
@@ -428,10 +432,20 @@ mod tests {
     }
 
     #[test]
+    fn a_window_already_closed_is_not_opened() {
+        let mut tracker = Tracker::default();
+        let window = GIVE_UP_AFTER.as_secs() as i64;
+        tracker.watch("n1", "i-1", t(0), t(window));
+        assert!(tracker.is_empty());
+        tracker.watch("n1", "i-1", t(0), t(window - 1));
+        assert_eq!(tracker.due(t(window - 1)), vec!["i-1".to_string()]);
+    }
+
+    #[test]
     fn ec2_unreachable_postpones_only_the_due_nodes() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(0));
-        tracker.watch("n2", "i-2", t(100));
+        tracker.watch("n1", "i-1", t(0), t(0));
+        tracker.watch("n2", "i-2", t(100), t(0));
         tracker.postpone(t(5));
         assert_eq!(tracker.next_check(), Some(t(15)));
         assert_eq!(tracker.due(t(15)), vec!["i-1".to_string()]);
@@ -441,9 +455,9 @@ mod tests {
     #[test]
     fn one_call_asks_for_every_due_instance_once() {
         let mut tracker = Tracker::default();
-        tracker.watch("n1", "i-1", t(0));
-        tracker.watch("n2", "i-2", t(0));
-        tracker.watch("n3", "i-3", t(50));
+        tracker.watch("n1", "i-1", t(0), t(0));
+        tracker.watch("n2", "i-2", t(0), t(0));
+        tracker.watch("n3", "i-3", t(50), t(0));
         assert_eq!(
             tracker.due(t(0)),
             vec!["i-1".to_string(), "i-2".to_string()]
