@@ -10,6 +10,7 @@
 //! Discovery (TargetGroupBindings, configured groups), `DescribeTargetHealth` and
 //! `DeregisterTargets` are I/O and live at the edge; this module only decides.
 
+pub mod config;
 pub mod discover;
 pub mod targets;
 pub mod wait;
