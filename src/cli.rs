@@ -89,6 +89,10 @@ pub struct DrainArgs {
     /// Client-side limit on API requests per second (watches count once, when opened).
     #[arg(long, default_value_t = 50.0)]
     pub qps: f64,
+    #[command(flatten)]
+    pub load_balancers: crate::lb::config::LoadBalancerArgs,
+    #[command(flatten)]
+    pub aws: crate::config::AwsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -125,6 +129,10 @@ pub struct PlanArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub load_balancers: crate::lb::config::LoadBalancerArgs,
+    #[command(flatten)]
+    pub aws: crate::config::AwsArgs,
 }
 
 #[derive(Debug, Clone, Args)]

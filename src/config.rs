@@ -50,6 +50,8 @@ pub struct ControllerArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub notify: crate::notify::NotifyArgs,
+    #[command(flatten)]
+    pub load_balancers: crate::lb::config::LoadBalancerArgs,
 }
 
 /// Kubernetes API client limits.
@@ -102,8 +104,8 @@ pub struct QueueArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "AWS")]
 pub struct AwsArgs {
-    /// AWS region of the queue and the instances (default: $AWS_REGION, $AWS_DEFAULT_REGION, then
-    /// the region named in the queue URL).
+    /// AWS region of the queue, the instances and the load balancers (default: $AWS_REGION,
+    /// $AWS_DEFAULT_REGION, then, for the controller, the region named in the queue URL).
     #[arg(long, env = "NODEDRAIN_AWS_REGION")]
     pub aws_region: Option<String>,
     /// Endpoint for every AWS service (SQS, EC2, Auto Scaling) instead of the public one; for
@@ -262,6 +264,7 @@ pub struct ControllerConfig {
     pub log_format: LogFormat,
     /// `None`: no webhook notifications.
     pub notify: Option<crate::notify::NotifyConfig>,
+    pub load_balancers: crate::lb::config::LoadBalancerArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,6 +459,7 @@ impl ControllerArgs {
             behaviour,
             log_format: self.log.log_format,
             notify,
+            load_balancers: self.load_balancers.clone(),
         })
     }
 

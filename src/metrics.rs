@@ -19,6 +19,7 @@
 //! | `nodedrain_evictions_total` | counter | `outcome` ([`EvictionOutcome`]) |
 //! | `nodedrain_eviction_pdb_blocked_total` | counter | — |
 //! | `nodedrain_deadline_overrides_total` | counter | — |
+//! | `nodedrain_lb_wait_cut_total` | counter | `reason` (`deadline`, `delay`: [`LoadBalancerCut`]) |
 //! | `nodedrain_nodes_draining` | gauge | — |
 //! | `nodedrain_leader` | gauge (0/1) | — |
 //! | `nodedrain_sqs_errors_total` | counter | `operation` ([`SqsOperation`]) |
@@ -32,6 +33,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::drain::report::LoadBalancerCut;
 
 /// One label, name and value both static: the only label shape this module creates.
 type Label = [(&'static str, &'static str); 1];
@@ -248,6 +251,7 @@ pub struct Metrics {
     evictions: Family<Label, Counter>,
     pdb_blocked: Counter,
     deadline_overrides: Counter,
+    lb_wait_cut: Family<Label, Counter>,
     nodes_draining: Gauge,
     leader: Gauge,
     sqs_errors: Family<Label, Counter>,
@@ -278,6 +282,7 @@ impl Metrics {
             evictions: Family::default(),
             pdb_blocked: Counter::default(),
             deadline_overrides: Counter::default(),
+            lb_wait_cut: Family::default(),
             nodes_draining: Gauge::default(),
             leader: Gauge::default(),
             sqs_errors: Family::default(),
@@ -334,6 +339,11 @@ impl Metrics {
             metrics.deadline_overrides.clone(),
         );
         r.register(
+            "lb_wait_cut",
+            "Pods stopped while a load balancer still routed new connections to them, by what ended the wait (deadline, or the target group's deregistration delay)",
+            metrics.lb_wait_cut.clone(),
+        );
+        r.register(
             "nodes_draining",
             "Nodes with a drain in progress",
             metrics.nodes_draining.clone(),
@@ -372,6 +382,11 @@ impl Metrics {
         }
         for o in EvictionOutcome::ALL {
             let _ = self.evictions.get_or_create(&[("outcome", o.as_label())]);
+        }
+        for cut in [LoadBalancerCut::Deadline, LoadBalancerCut::DelayElapsed] {
+            let _ = self
+                .lb_wait_cut
+                .get_or_create(&[("reason", cut.as_label())]);
         }
         for o in SqsOperation::ALL {
             let _ = self
@@ -447,6 +462,12 @@ impl Metrics {
         self.deadline_overrides.inc();
     }
 
+    pub fn load_balancer_wait_cut(&self, reason: LoadBalancerCut) {
+        self.lb_wait_cut
+            .get_or_create(&[("reason", reason.as_label())])
+            .inc();
+    }
+
     /// A guard that counts one node as draining until dropped, so an early return or a panic in
     /// a drain task cannot leave the gauge high.
     pub fn draining_guard(&self) -> DrainingGuard {
@@ -520,6 +541,7 @@ mod tests {
             "nodedrain_evictions_total{outcome=\"evicted\"} 0",
             "nodedrain_eviction_pdb_blocked_total 0",
             "nodedrain_deadline_overrides_total 0",
+            "nodedrain_lb_wait_cut_total{reason=\"deadline\"} 0",
             "nodedrain_nodes_draining 0",
             "nodedrain_leader 0",
             "nodedrain_sqs_errors_total{operation=\"receive\"} 0",

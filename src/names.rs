@@ -104,4 +104,7 @@ pub mod reasons {
     /// The instance still ran when nodedrain stopped waiting for it to go: the node was not
     /// marked out of service.
     pub const OUT_OF_SERVICE_SKIPPED: &str = "OutOfServiceSkipped";
+    /// A pod was stopped while a load balancer still routed new connections to it: the deadline
+    /// came, or the target group's deregistration delay passed.
+    pub const LOAD_BALANCER_WAIT_CUT: &str = "LoadBalancerWaitCut";
 }

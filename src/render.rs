@@ -163,6 +163,7 @@ pub fn plan(node: &str, plan: &Plan) -> String {
             .collect();
         out.push_str(&table(&rows));
     }
+    load_balancers(&mut out, plan);
     if !plan.refused.is_empty() {
         let _ = writeln!(out, "Refused: {}", refusals(&plan.refused));
     }
@@ -170,6 +171,52 @@ pub fn plan(node: &str, plan: &Plan) -> String {
         let _ = writeln!(out, "Warning: {warning}");
     }
     out
+}
+
+/// What the load balancers route to the node and its pods, and how long each pod will wait.
+fn load_balancers(out: &mut String, plan: &Plan) {
+    if let Some(reason) = &plan.load_balancers_unchecked {
+        let _ = writeln!(out, "Load balancers: {reason}");
+        return;
+    }
+    let waiting: Vec<_> = plan
+        .steps
+        .iter()
+        .filter(|s| !s.load_balancer.is_empty())
+        .collect();
+    if plan.node_targets.is_empty() && waiting.is_empty() {
+        return;
+    }
+    out.push_str("Load balancers:\n");
+    for target in &plan.node_targets {
+        let who = if target.deregistered_by_nodedrain {
+            "nodedrain deregisters it at cordon"
+        } else {
+            "the AWS Load Balancer Controller deregisters it once the node is labelled out"
+        };
+        let _ = writeln!(out, "  node target {target}: {who}");
+    }
+    for step in waiting {
+        let targets: Vec<String> = step.load_balancer.iter().map(ToString::to_string).collect();
+        let _ = write!(
+            out,
+            "  {}/{} stops only once no load balancer routes to it: {}",
+            step.namespace,
+            step.name,
+            targets.join(", ")
+        );
+        match step.load_balancer.iter().filter_map(|t| t.short_by).max() {
+            Some(short) => {
+                let _ = writeln!(
+                    out,
+                    "; DOES NOT FIT: a full wait is {}s longer than the time before its latest \
+                     start, so the deadline will cut it and new requests may reach a stopping pod",
+                    short.as_secs()
+                );
+            }
+            None => out.push_str("; fits\n"),
+        }
+    }
 }
 
 /// All node plans, separated by blank lines.

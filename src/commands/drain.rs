@@ -18,6 +18,7 @@ use crate::drain::plan::{DaemonSetHandling, PlanOptions};
 use crate::drain::policy::{ClusterPolicy, parse_label_selector};
 use crate::drain::report::{PodChange, ProgressEvent};
 use crate::kube_client;
+use crate::lb::discover::LoadBalancers;
 use crate::render;
 
 /// The flags that shape a plan, shared by `drain` and `plan`.
@@ -154,13 +155,22 @@ async fn drain(args: DrainArgs) -> Result<ExitCode, String> {
     let nodes = resolve_nodes(&client, &args.nodes, args.selector.as_deref())
         .await
         .map_err(|e| format!("error: {e}"))?;
-    let drainer = Drainer::new(client, DrainConfig::default());
+    let load_balancers =
+        LoadBalancers::connect(client.clone(), &args.load_balancers, &args.aws).await;
+    let unchecked = load_balancers.as_ref().err().cloned();
+    let drainer =
+        Drainer::new(client, DrainConfig::default()).with_load_balancers(load_balancers.ok());
 
     if args.dry_run {
-        let plans = drainer
+        let mut plans = drainer
             .plan(&nodes, &options, &policy, deadline)
             .await
             .map_err(|e| render::error(&e))?;
+        if let Some(reason) = &unchecked {
+            for plan in &mut plans {
+                plan.plan.load_balancers_unchecked = Some(reason.clone());
+            }
+        }
         match args.output {
             OutputFormat::Json => println!(
                 "{}",

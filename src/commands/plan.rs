@@ -8,6 +8,7 @@ use super::drain::{PlanFlags, load_policy, parse_deadline, plan_options};
 use crate::cli::{OutputFormat, PlanArgs};
 use crate::drain::execute::{DrainConfig, Drainer};
 use crate::kube_client;
+use crate::lb::discover::LoadBalancers;
 use crate::render;
 
 /// Requests per second for planning: a handful of lists, so the limit hardly matters.
@@ -42,11 +43,20 @@ async fn plan(args: PlanArgs) -> Result<ExitCode, String> {
     let client = kube_client::connect(&args.client, PLAN_QPS)
         .await
         .map_err(|e| format!("error: {e}"))?;
-    let drainer = Drainer::new(client, DrainConfig::default());
-    let plans = drainer
+    let load_balancers =
+        LoadBalancers::connect(client.clone(), &args.load_balancers, &args.aws).await;
+    let unchecked = load_balancers.as_ref().err().cloned();
+    let drainer =
+        Drainer::new(client, DrainConfig::default()).with_load_balancers(load_balancers.ok());
+    let mut plans = drainer
         .plan(&args.nodes, &options, &policy, deadline)
         .await
         .map_err(|e| render::error(&e))?;
+    if let Some(reason) = &unchecked {
+        for plan in &mut plans {
+            plan.plan.load_balancers_unchecked = Some(reason.clone());
+        }
+    }
     match args.output {
         OutputFormat::Json => println!(
             "{}",

@@ -49,6 +49,7 @@ impl NodeProgress {
             | PodChange::Deleting { .. }
             | PodChange::DeadlineOverride { .. }
             | PodChange::TerminatingElsewhere
+            | PodChange::LoadBalancerWaitCut { .. }
             | PodChange::EvictionCompleted { .. } => PodState::Stopping,
             PodChange::Surging { .. }
             | PodChange::ReplacementReady { .. }

@@ -40,6 +40,7 @@ use crate::handoff::out_of_service::OutOfService;
 use crate::interruption::events::{Interruption, InterruptionKind, instance_id_from_provider_id};
 use crate::interruption::sqs::{self, Delivery, Intake};
 use crate::kube_client::{self, ClientError};
+use crate::lb::discover::{Discovery, LoadBalancers};
 use crate::metrics::{DrainResult, EvictionOutcome, Metrics};
 use crate::names;
 use crate::node::{self, DrainKind, DrainRecord, Phase};
@@ -184,7 +185,17 @@ pub async fn run(
     } else {
         (None, None)
     };
-    let drainer = Drainer::new(client.clone(), drain_config);
+    let load_balancers = LoadBalancers::new(
+        Discovery::new(
+            client.clone(),
+            aws_sdk_elasticloadbalancingv2::Client::new(&aws),
+            config.load_balancers.target_group_arns(),
+        )
+        .with_tag(config.load_balancers.target_group_tag.clone()),
+        config.load_balancers.wait,
+    );
+    let drainer =
+        Drainer::new(client.clone(), drain_config).with_load_balancers(Some(load_balancers));
 
     // Without leader election this replica always leads; the sender lives as long as `run`, so
     // the receiver never reports a closed channel.
@@ -874,6 +885,7 @@ async fn count_progress(
         match change {
             PodChange::Evicting { .. } => metrics.eviction(EvictionOutcome::Evicted),
             PodChange::Deleting { .. } => metrics.eviction(EvictionOutcome::Deleted),
+            PodChange::LoadBalancerWaitCut { reason, .. } => metrics.load_balancer_wait_cut(reason),
             PodChange::DeadlineOverride { .. } => {
                 metrics.deadline_override();
                 notifier.notify(override_notice.clone().with_detail(pod.to_string()));

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
-use super::report::Blocker;
+use super::report::{Blocker, LoadBalancerCut};
 use crate::names;
 use crate::node::DrainRecord;
 
@@ -149,6 +149,34 @@ impl DrainEvent {
             format!(
                 "Deleted with a {grace}s grace period although {why}: node {node} goes away at \
                  {deadline} and this was the last moment to stop the pod in time"
+            ),
+        )
+    }
+
+    /// A load-balancer wait ended while a target still took new connections: the deadline came
+    /// (the instance goes regardless) or the group's deregistration delay passed without the
+    /// target ever reporting `draining`.
+    pub fn load_balancer_wait_cut(
+        pod: ObjectReference,
+        group: &str,
+        target: &str,
+        state: &str,
+        reason: LoadBalancerCut,
+    ) -> Self {
+        let why = match reason {
+            LoadBalancerCut::Deadline => {
+                "this was its last moment to stop before the node goes away"
+            }
+            LoadBalancerCut::DelayElapsed => {
+                "the group's deregistration delay has passed since deregistration began"
+            }
+        };
+        DrainEvent::new(
+            pod,
+            Severity::Warning,
+            names::reasons::LOAD_BALANCER_WAIT_CUT,
+            format!(
+                "Stopping the pod although target group {group} still routes new connections to                  {target} (state {state}): {why}; requests it receives now may fail"
             ),
         )
     }

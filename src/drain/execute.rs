@@ -36,7 +36,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::events::{DrainEvent, Severity};
 use super::evict;
@@ -49,6 +49,8 @@ use super::plan::{Owners, Plan, PlanInput, PlanOptions, plan};
 use super::policy::{self, ClusterPolicy};
 use super::report::{DrainReport, ProgressEvent};
 use super::surge;
+use crate::interruption::events::instance_id_from_provider_id;
+use crate::lb::discover::{Discovery, LoadBalancers};
 use crate::names;
 use crate::node::{self, DrainRecord, NodeError, Phase, describe_api_error, is_forbidden};
 
@@ -242,6 +244,8 @@ pub struct Drainer {
     next_drain: Arc<AtomicU64>,
     snapshots: Arc<Semaphore>,
     owners: Arc<OwnersCache>,
+    /// `None`: load balancers are not looked at (no AWS access configured).
+    lb: Option<LoadBalancers>,
 }
 
 /// Everything read once at the start of a drain.
@@ -273,7 +277,50 @@ impl Drainer {
             next_drain: Arc::default(),
             snapshots: Arc::new(Semaphore::new(SNAPSHOT_CONCURRENCY)),
             owners: Arc::default(),
+            lb: None,
             config,
+        }
+    }
+
+    /// Makes plans show, and drains wait for, the load balancers in front of the nodes' pods.
+    pub fn with_load_balancers(mut self, lb: Option<LoadBalancers>) -> Self {
+        self.lb = lb;
+        self
+    }
+
+    /// Adds the load balancers' targets to freshly made plans. An ELBv2 failure is written on
+    /// the plans and the drain goes on without load-balancer waits: a spot drain must never
+    /// stall on an AWS API that is down or refuses us.
+    async fn attach_load_balancers(&self, nodes: &[String], plans: &mut [(&mut Plan, &[Pod])]) {
+        let Some(lb) = &self.lb else {
+            return;
+        };
+        let view = match lb.view().await {
+            Ok(view) => view,
+            Err(error) => {
+                warn!(%error, "load balancers not checked");
+                for (plan, _) in plans.iter_mut() {
+                    plan.load_balancers_unchecked = Some(error.to_string());
+                }
+                return;
+            }
+        };
+        if view.registered.is_empty() {
+            return;
+        }
+        let node_api: Api<Node> = Api::all(self.client.clone());
+        for (name, (plan, pods)) in nodes.iter().zip(plans.iter_mut()) {
+            // Only instance targets need the node's instance id.
+            let instance_id = match node_api.get_opt(name).await {
+                Ok(node) => node
+                    .and_then(|n| n.spec?.provider_id)
+                    .and_then(|p| instance_id_from_provider_id(&p).map(str::to_string)),
+                Err(error) => {
+                    warn!(node = %name, %error, "cannot read the node's instance id; its instance targets are not checked");
+                    None
+                }
+            };
+            plan.attach_load_balancers(pods, instance_id.as_deref(), &view, Timestamp::now());
         }
     }
 
@@ -295,7 +342,7 @@ impl Drainer {
         self.fetch_nodes(&nodes).await?;
         let snapshot = self.snapshot(&nodes).await?;
         let now = Timestamp::now();
-        Ok(nodes
+        let mut plans: Vec<NodePlan> = nodes
             .iter()
             .zip(&snapshot.pods)
             .map(|(node, pods)| NodePlan {
@@ -310,7 +357,14 @@ impl Drainer {
                     deadline,
                 }),
             })
-            .collect())
+            .collect();
+        let mut with_pods: Vec<(&mut Plan, &[Pod])> = plans
+            .iter_mut()
+            .zip(&snapshot.pods)
+            .map(|(p, pods)| (&mut p.plan, pods.as_slice()))
+            .collect();
+        self.attach_load_balancers(&nodes, &mut with_pods).await;
+        Ok(plans)
     }
 
     /// Drains `nodes`: cordons them all (unless `request.prepared` says they are), then moves
@@ -373,7 +427,7 @@ impl Drainer {
             }
         };
         let now = Timestamp::now();
-        let node_starts = nodes
+        let mut node_starts: Vec<NodeStart> = nodes
             .iter()
             .zip(starts)
             .zip(snapshot.pods)
@@ -395,6 +449,13 @@ impl Drainer {
             })
             .collect();
         drop(snapshot.pdbs);
+        if self.lb.as_ref().is_some_and(|lb| lb.wait) {
+            let mut with_pods: Vec<(&mut Plan, &[Pod])> = node_starts
+                .iter_mut()
+                .map(|s| (&mut s.plan, s.pods.as_slice()))
+                .collect();
+            self.attach_load_balancers(&nodes, &mut with_pods).await;
+        }
         let id = DrainId(self.next_drain.fetch_add(1, Ordering::Relaxed));
         let drain = NewDrain {
             id,
@@ -457,6 +518,7 @@ impl Drainer {
                         multiple_pdb_recheck: self.config.multiple_pdb_recheck,
                         evictions_per_pdb: self.config.evictions_per_pdb,
                     }),
+                    lb: self.lb.as_ref().map(|lb| lb.discovery.clone()),
                     commands,
                     drains: HashMap::new(),
                     requests: FuturesUnordered::new(),
@@ -686,6 +748,7 @@ struct Engine {
     recorder: Recorder,
     feed: Arc<PdbFeed>,
     machine: Machine,
+    lb: Option<Discovery>,
     commands: mpsc::UnboundedReceiver<Command>,
     drains: HashMap<DrainId, DrainIo>,
     requests: FuturesUnordered<BoxFuture<'static, Input>>,
@@ -821,6 +884,43 @@ impl Engine {
                 let what = format!("watch the pods of a surging Deployment in {namespace}");
                 self.open_watch(WatchKey::Surge(surge), what, stream, move |event| {
                     Input::SurgePods { surge, event }
+                });
+            }
+            Action::DescribeTargetHealth { group } => {
+                let lb = self.lb.clone();
+                self.requests.push(
+                    async move {
+                        let result = match lb {
+                            Some(lb) => lb.target_health(&group).await.map_err(|e| {
+                                warn!(group = %group, error = %e, "cannot read target health");
+                                Failure {
+                                    message: e.to_string(),
+                                    forbidden: false,
+                                }
+                            }),
+                            None => Err(Failure {
+                                message: "no ELBv2 access configured".to_string(),
+                                forbidden: false,
+                            }),
+                        };
+                        Input::TargetHealth { group, result }
+                    }
+                    .boxed(),
+                );
+            }
+            Action::DeregisterTargets { group, targets } => {
+                let Some(lb) = self.lb.clone() else {
+                    return;
+                };
+                // Nothing waits for the answer: the wait watches the targets' states.
+                tokio::spawn(async move {
+                    match lb.deregister(&group, &targets).await {
+                        Ok(()) => {
+                            info!(group = %group, targets = targets.len(), "deregistered targets")
+                        }
+                        Err(error) => warn!(group = %group, %error,
+                            "cannot deregister targets; their wait ends at the group's delay or the deadline"),
+                    }
                 });
             }
             Action::CloseSurgeWatch(surge) => self.close_watch(WatchKey::Surge(surge)),

@@ -41,7 +41,11 @@ use super::report::{
     ProgressEvent,
 };
 use super::surge::{self, SurgeStart};
+use crate::lb::targets::{Target, TargetState, TargetType, group_name};
+use crate::lb::wait::{self, Decision, Observed};
 use crate::node::{DrainRecord, Phase};
+
+pub use super::report::LoadBalancerCut;
 
 /// How long a pod may sit in its PDB's `status.disruptedPods` without a deletionTimestamp before
 /// the machine decides the approved eviction will never delete it. The apiserver writes the
@@ -171,6 +175,12 @@ pub enum Input {
         surge: SurgeId,
         result: Result<SurgeStart, Failure>,
     },
+    /// `DescribeTargetHealth` of a target group some step waits on: every target it has
+    /// registered, with its state (a target it no longer lists is gone).
+    TargetHealth {
+        group: String,
+        result: Result<Vec<(Target, TargetState)>, Failure>,
+    },
     /// Only time has passed.
     Tick,
 }
@@ -210,6 +220,16 @@ pub enum Action {
         name: String,
     },
     CloseNodeWatch(NodeId),
+    /// Ask a target group what it has registered (answered with [`Input::TargetHealth`]).
+    DescribeTargetHealth {
+        group: String,
+    },
+    /// Take these targets out of their group. No answer comes back: the wait watches the
+    /// targets' states, and a failed call only means the wait ends by the delay or deadline.
+    DeregisterTargets {
+        group: String,
+        targets: Vec<Target>,
+    },
     /// The process-wide PDB watch: opened with the first drain, closed with the last.
     WatchPdbs,
     ClosePdbWatch,
@@ -277,6 +297,17 @@ enum Request {
         gate: Option<(PdbKey, Option<i32>)>,
     },
     Delete(DeleteReason),
+    /// Not a request to the apiserver: the step would be evicted (or deleted) now, but a load
+    /// balancer still routes to it. Kept here so that the step is not attempted again and the
+    /// PDB budget its eviction will spend stays reserved (`gate`) while it waits: a pod taken
+    /// out of its load balancer is already out of service.
+    LoadBalancer {
+        gate: Option<(PdbKey, Option<i32>)>,
+        /// When this step's own targets began to be deregistered.
+        since: Timestamp,
+        /// When the wait is decided again at the latest (a poll may end it sooner).
+        until: Option<Timestamp>,
+    },
 }
 
 /// When to try a blocked step again.
@@ -310,6 +341,8 @@ struct StepRun {
     /// past a PDB that allows no disruption in some cases ([`policy::budget_bypass`]), and the
     /// gate must not hold back what the apiserver would accept.
     health: policy::PodHealth,
+    /// The load balancers no longer route to it (or it serves through none): it may stop.
+    lb_clear: bool,
 }
 
 impl StepRun {
@@ -462,7 +495,23 @@ pub struct Machine {
     surges: BTreeMap<SurgeId, SurgeRun>,
     surge_index: HashMap<PdbKey, SurgeId>,
     next_surge: u64,
+    /// Target groups some step waits on, by ARN.
+    lb_groups: BTreeMap<String, LbGroup>,
     actions: Vec<Action>,
+}
+
+/// How often a target group is asked while steps wait on it: NLB and ALB targets go `draining`
+/// within a second or two of a deregistration, and each ask is one ELBv2 call per group (not
+/// per pod), far below ELBv2's request limits.
+pub const LB_POLL: Duration = Duration::from_secs(2);
+
+/// A target group as the machine follows it.
+#[derive(Debug, Default)]
+struct LbGroup {
+    /// The last answer: each registered target's state.
+    states: Option<HashMap<Target, TargetState>>,
+    asked_at: Option<Timestamp>,
+    asking: bool,
 }
 
 fn after(at: Timestamp, delay: Duration) -> Timestamp {
@@ -542,6 +591,7 @@ impl Machine {
             surges: BTreeMap::new(),
             surge_index: HashMap::new(),
             next_surge: 0,
+            lb_groups: BTreeMap::new(),
             actions: Vec::new(),
         }
     }
@@ -594,6 +644,7 @@ impl Machine {
                 result,
             } => self.on_deleted(step, grace, result, now),
             Input::RolloutRestarted { surge, result } => self.on_rollout_restarted(surge, result),
+            Input::TargetHealth { group, result } => self.on_target_health(group, result),
             Input::Tick => {}
         }
     }
@@ -615,6 +666,12 @@ impl Machine {
                     node,
                     index: StepIndex(i),
                 };
+                if let Some(Request::LoadBalancer {
+                    until: Some(until), ..
+                }) = self.requests.get(&id)
+                {
+                    at(*until);
+                }
                 if self.requests.contains_key(&id) {
                     continue;
                 }
@@ -650,6 +707,11 @@ impl Machine {
                 {
                     at(after(evicted, EVICTION_SETTLE));
                 }
+            }
+        }
+        for group in self.lb_groups.values() {
+            if !group.asking {
+                at(group.asked_at.map_or(Timestamp::MIN, |t| after(t, LB_POLL)));
             }
         }
         wake
@@ -838,6 +900,7 @@ impl Machine {
                 );
                 StepRun {
                     health,
+                    lb_clear: step.load_balancer.is_empty(),
                     deleting: pod.metadata.deletion_timestamp.is_some(),
                     pod,
                     key: PodRef {
@@ -867,6 +930,22 @@ impl Machine {
                     index: StepIndex(i),
                 },
             );
+        }
+        // The node's instance targets in groups nodedrain deregisters itself leave their load
+        // balancers now, like the exclude label takes them out of the AWS Load Balancer
+        // Controller's groups: every pod behind them waits for that.
+        let mut by_group: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        for target in &plan.node_targets {
+            if target.deregistered_by_nodedrain && target.state.routes_new_connections() {
+                by_group
+                    .entry(target.target.group_arn.clone())
+                    .or_default()
+                    .push(target.target.clone());
+            }
+        }
+        for (group, targets) in by_group {
+            self.actions
+                .push(Action::DeregisterTargets { group, targets });
         }
         let progress = plan.progress();
         self.nodes.insert(
@@ -943,6 +1022,18 @@ impl Machine {
             Some(fatal) => Err(fatal),
             None => Ok(self.report(&drain, outcome, now)),
         };
+        // Waits for load balancers hold PDB budget and have no answer to come: release them.
+        let waits: Vec<StepId> = self
+            .requests
+            .iter()
+            .filter(|(id, r)| {
+                drain.nodes.contains(&id.node) && matches!(r, Request::LoadBalancer { .. })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waits {
+            self.answered(id);
+        }
         // Forget the drain: its watches, its surges' steps, its pods' unseen evictions.
         for node in &drain.nodes {
             let Some(run) = self.nodes.remove(node) else {
@@ -987,6 +1078,10 @@ impl Machine {
         self.release_holds(now);
         self.complete_approved_evictions(now);
         self.attempt(now);
+        // Right after the attempts: a wait that began in them and whose targets are already
+        // out of service ends in this round.
+        self.load_balancer_waits(now);
+        self.ask_target_groups(now);
         // After the attempts: a step whose gate has just closed at its latest start is
         // overridden now, not on the next input.
         self.deadline_overrides(now);
@@ -1229,10 +1324,12 @@ impl Machine {
         if !matches!(run.state, SurgeState::Restarted) {
             return;
         }
+        let first = run.steps.first().copied();
         let ready = run
             .pods
             .values()
             .filter(|p| surge::is_replacement(p, &run.old_hashes, &draining))
+            .filter(|p| first.is_none_or(|step| self.replacement_serves(step, p)))
             .count();
         let deployment = run.deployment.clone();
         let steps = run.steps.clone();
@@ -1288,6 +1385,314 @@ impl Machine {
             .filter(|(_, s)| s.steps.contains(&id))
             .map(|(&surge, _)| surge)
             .collect()
+    }
+
+    // --- load balancers ---
+
+    /// Step `id` would be evicted (gated by `gate`) or deleted now. If a load balancer may still
+    /// route new connections to it, its own targets start leaving their groups, the PDB budget
+    /// is reserved, and it waits ([`Machine::load_balancer_waits`]); returns whether it does.
+    fn wait_for_load_balancers(
+        &mut self,
+        id: StepId,
+        gate: Option<PdbKey>,
+        now: Timestamp,
+    ) -> bool {
+        let Some(run) = self.nodes.get(&id.node) else {
+            return false;
+        };
+        let step = &run.steps[id.index.0];
+        // A deletion past the deadline, or one that completes an approved eviction, does not
+        // wait: the instance goes regardless, or the pod is already counted as gone.
+        if step.lb_clear
+            || matches!(
+                step.phase,
+                StepPhase::Delete(DeleteReason::DeadlineOverride(_))
+                    | StepPhase::Delete(DeleteReason::CompleteEviction { .. })
+            )
+        {
+            return false;
+        }
+        let targets = &run.plan.steps[id.index.0].load_balancer;
+        let mut by_group: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        for target in targets {
+            self.lb_groups
+                .entry(target.target.group_arn.clone())
+                .or_default();
+            // Instance targets left with the node at cordon; an IP target is the pod's own.
+            if target.deregistered_by_nodedrain && target.target_type == TargetType::Ip {
+                by_group
+                    .entry(target.target.group_arn.clone())
+                    .or_default()
+                    .push(target.target.clone());
+            }
+        }
+        for (group, targets) in by_group {
+            self.actions
+                .push(Action::DeregisterTargets { group, targets });
+        }
+        let gate = self.reserve(gate);
+        self.requests.insert(
+            id,
+            Request::LoadBalancer {
+                gate,
+                since: now,
+                until: None,
+            },
+        );
+        let step = self.step_mut(id).expect("step looked up above");
+        step.retry.now = false;
+        step.retry.at = None;
+        true
+    }
+
+    /// Decides every load-balancer wait: still held, or over (the targets are out of service,
+    /// their delay has passed, or the deadline has come), in which case the step's request goes
+    /// out with the budget it reserved.
+    fn load_balancer_waits(&mut self, now: Timestamp) {
+        let waiting: Vec<(StepId, Timestamp)> = self
+            .requests
+            .iter()
+            .filter_map(|(id, r)| match r {
+                Request::LoadBalancer { since, .. } => Some((*id, *since)),
+                _ => None,
+            })
+            .collect();
+        for (id, since) in waiting {
+            let Some(run) = self.nodes.get(&id.node) else {
+                continue;
+            };
+            let step = &run.steps[id.index.0];
+            if step.is_gone() || step.deleting {
+                // Gone or deleted by someone else meanwhile: nothing to send.
+                self.answered(id);
+                continue;
+            }
+            let node_since = run.record.started.min(since);
+            let plan = &run.plan.steps[id.index.0];
+            let observed: Vec<Observed> = plan
+                .load_balancer
+                .iter()
+                .map(|t| Observed {
+                    target: t.target.clone(),
+                    state: self.target_state(&t.target).unwrap_or(t.state),
+                    deregistration_delay: t.deregistration_delay,
+                    since: match t.target_type {
+                        TargetType::Instance => node_since,
+                        TargetType::Ip => since,
+                    },
+                })
+                .collect();
+            let latest_start = if run.forcing() {
+                plan.latest_start
+            } else {
+                None
+            };
+            let ended = match wait::decide(&observed, now, latest_start) {
+                Decision::Hold {
+                    until,
+                    target,
+                    state,
+                } => {
+                    if let Some(Request::LoadBalancer { until: u, .. }) = self.requests.get_mut(&id)
+                    {
+                        *u = Some(until);
+                    }
+                    self.block(
+                        id,
+                        Blocker::LoadBalancer {
+                            group: group_name(&target.group_arn).to_string(),
+                            target: format!("{}:{}", target.id, target.port),
+                            state: state.to_string(),
+                            until,
+                        },
+                    );
+                    continue;
+                }
+                Decision::Clear => None,
+                Decision::DelayElapsed { target, state } => {
+                    Some((LoadBalancerCut::DelayElapsed, target, state))
+                }
+                Decision::DeadlineOverride { target, state } => {
+                    Some((LoadBalancerCut::Deadline, target, state))
+                }
+            };
+            self.end_load_balancer_wait(id, ended, now);
+        }
+    }
+
+    /// A wait is over: the step's request goes out now, with the budget it reserved. A wait
+    /// cut short (`cut`) is reported as an Event and a progress change, never silently.
+    fn end_load_balancer_wait(
+        &mut self,
+        id: StepId,
+        cut: Option<(LoadBalancerCut, Target, TargetState)>,
+        now: Timestamp,
+    ) {
+        let Some(Request::LoadBalancer { gate, .. }) = self.requests.remove(&id) else {
+            return;
+        };
+        let Some(run) = self.nodes.get_mut(&id.node) else {
+            return;
+        };
+        let grace = run.plan.grace_at(id.index, now).unwrap_or(1);
+        let drain = run.drain;
+        let step = &mut run.steps[id.index.0];
+        step.lb_clear = true;
+        step.blocker = None;
+        if let Some((reason, target, state)) = cut {
+            let event = DrainEvent::load_balancer_wait_cut(
+                step.pod.object_ref(&()),
+                group_name(&target.group_arn),
+                &format!("{}:{}", target.id, target.port),
+                &state.to_string(),
+                reason,
+            );
+            self.actions.push(Action::Publish { drain, event });
+            self.emit(
+                id,
+                PodChange::LoadBalancerWaitCut {
+                    reason,
+                    group: group_name(&target.group_arn).to_string(),
+                    target: format!("{}:{}", target.id, target.port),
+                    state: state.to_string(),
+                },
+            );
+        }
+        let phase = self.step(id).map(|s| s.phase.clone());
+        match phase {
+            Some(StepPhase::Evict) => self.send_reserved_evict(id, grace, gate),
+            Some(StepPhase::Delete(_)) => {
+                // A deletion spends no budget: give back what was reserved.
+                if let Some((key, _)) = gate
+                    && let Some(live) = self.pdbs.get_mut(&key)
+                {
+                    live.in_flight = live.in_flight.saturating_sub(1);
+                    self.pdb_changed(&key, false);
+                }
+                self.send_delete(id, grace);
+            }
+            _ => {
+                if let Some((key, _)) = gate
+                    && let Some(live) = self.pdbs.get_mut(&key)
+                {
+                    live.in_flight = live.in_flight.saturating_sub(1);
+                    self.pdb_changed(&key, false);
+                }
+            }
+        }
+    }
+
+    /// The last observed state of a target; `None` before its group's first answer.
+    fn target_state(&self, target: &Target) -> Option<TargetState> {
+        let states = self.lb_groups.get(&target.group_arn)?.states.as_ref()?;
+        Some(states.get(target).copied().unwrap_or(TargetState::Gone))
+    }
+
+    /// The groups steps wait on (a load-balancer wait, or a surge whose replacement must be
+    /// healthy in the old pod's groups).
+    fn wanted_groups(&self) -> BTreeSet<String> {
+        let mut wanted = BTreeSet::new();
+        for (&node, run) in &self.nodes {
+            for (i, step) in run.steps.iter().enumerate() {
+                let id = StepId {
+                    node,
+                    index: StepIndex(i),
+                };
+                let waiting = matches!(self.requests.get(&id), Some(Request::LoadBalancer { .. }))
+                    || matches!(step.phase, StepPhase::Surge(_));
+                if waiting {
+                    wanted.extend(
+                        run.plan.steps[i]
+                            .load_balancer
+                            .iter()
+                            .map(|t| t.target.group_arn.clone()),
+                    );
+                }
+            }
+        }
+        wanted
+    }
+
+    /// Asks the wanted groups again every [`LB_POLL`]; forgets the others.
+    fn ask_target_groups(&mut self, now: Timestamp) {
+        let wanted = self.wanted_groups();
+        self.lb_groups.retain(|arn, _| wanted.contains(arn));
+        for arn in wanted {
+            let group = self.lb_groups.entry(arn.clone()).or_default();
+            let due = group.asked_at.is_none_or(|t| now >= after(t, LB_POLL));
+            if !group.asking && due {
+                group.asking = true;
+                group.asked_at = Some(now);
+                self.actions
+                    .push(Action::DescribeTargetHealth { group: arn });
+            }
+        }
+    }
+
+    fn on_target_health(
+        &mut self,
+        group: String,
+        result: Result<Vec<(Target, TargetState)>, Failure>,
+    ) {
+        let Some(live) = self.lb_groups.get_mut(&group) else {
+            return;
+        };
+        live.asking = false;
+        // A failed ask keeps the last answer: the waits still end by their delay or deadline.
+        if let Ok(registered) = result {
+            live.states = Some(registered.into_iter().collect());
+        }
+        let surges: Vec<SurgeId> = self.surges.keys().copied().collect();
+        for surge in surges {
+            self.check_surge(surge);
+        }
+    }
+
+    /// Whether a surge replacement serves where the pod it replaces did: `healthy` in each of
+    /// the IP-target groups of `step` (Ready is not enough while the load balancer's health
+    /// check has not passed). Pods that are no IP target need nothing more than Ready.
+    fn replacement_serves(&self, step: StepId, replacement: &Pod) -> bool {
+        let Some(plan) = self
+            .nodes
+            .get(&step.node)
+            .and_then(|r| r.plan.steps.get(step.index.0))
+        else {
+            return true;
+        };
+        let groups: Vec<&str> = plan
+            .load_balancer
+            .iter()
+            .filter(|t| t.target_type == TargetType::Ip)
+            .map(|t| t.target.group_arn.as_str())
+            .collect();
+        if groups.is_empty() {
+            return true;
+        }
+        let ips: Vec<&str> = replacement
+            .status
+            .iter()
+            .flat_map(|s| {
+                s.pod_ips
+                    .iter()
+                    .flatten()
+                    .map(|ip| ip.ip.as_str())
+                    .chain(s.pod_ip.as_deref())
+            })
+            .collect();
+        let observed: Vec<Observed> = groups
+            .iter()
+            .filter_map(|g| self.lb_groups.get(*g)?.states.as_ref())
+            .flat_map(|states| states.iter())
+            .filter(|(target, _)| ips.contains(&target.id.as_str()))
+            .map(|(target, state)| Observed {
+                target: target.clone(),
+                state: *state,
+                deregistration_delay: Duration::ZERO,
+                since: Timestamp::MIN,
+            })
+            .collect();
+        wait::replacement_serves(&groups, &observed)
     }
 
     // --- the deadline ---
@@ -1452,7 +1857,9 @@ impl Machine {
                 .grace_at(id.index, now)
                 .unwrap_or(1);
             if matches!(step.phase, StepPhase::Delete(_)) {
-                self.send_delete(id, grace);
+                if !self.wait_for_load_balancers(id, None, now) {
+                    self.send_delete(id, grace);
+                }
                 continue;
             }
             if !pdbs_known {
@@ -1491,19 +1898,30 @@ impl Machine {
                 }
                 Gate::Multiple => None,
             };
-            self.send_evict(id, grace, gate);
+            if !self.wait_for_load_balancers(id, gate.clone(), now) {
+                self.send_evict(id, grace, gate);
+            }
         }
     }
 
-    fn send_evict(&mut self, id: StepId, grace: i64, gate: Option<PdbKey>) {
-        let gate = gate.map(|key| {
+    /// Counts an eviction about to go out (or a load-balancer wait before it) against its PDB.
+    fn reserve(&mut self, gate: Option<PdbKey>) -> Option<(PdbKey, Option<i32>)> {
+        gate.map(|key| {
             let live = self.pdbs.get_mut(&key);
             let allowed = live.as_ref().and_then(|l| l.allowed());
             if let Some(live) = live {
                 live.in_flight += 1;
             }
             (key, allowed)
-        });
+        })
+    }
+
+    fn send_evict(&mut self, id: StepId, grace: i64, gate: Option<PdbKey>) {
+        let gate = self.reserve(gate);
+        self.send_reserved_evict(id, grace, gate);
+    }
+
+    fn send_reserved_evict(&mut self, id: StepId, grace: i64, gate: Option<(PdbKey, Option<i32>)>) {
         self.requests.insert(id, Request::Evict { gate });
         let step = self.step_mut(id).expect("evicting a known step");
         step.retry.now = false;
@@ -1539,6 +1957,10 @@ impl Machine {
         let request = self.requests.remove(&id)?;
         if let Request::Evict {
             gate: Some((key, _)),
+        }
+        | Request::LoadBalancer {
+            gate: Some((key, _)),
+            ..
         } = &request
             && let Some(live) = self.pdbs.get_mut(key)
         {

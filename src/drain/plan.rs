@@ -17,6 +17,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
+use crate::lb::targets::{LoadBalancerView, PodTarget, TargetType, served_by};
+
 use super::policy::{self, AnnotationWarning, ClusterPolicy, LabelSelectorExpr, Strategy};
 
 /// Annotation the Deployment controller keeps on its ReplicaSets: the Deployment's replicas.
@@ -310,6 +312,11 @@ pub struct PodPlan {
     pub hold: Option<DoNotDisruptHold>,
     /// What, as planned, will stop the step from completing; `None` when nothing known does.
     pub blocker: Option<String>,
+    /// The ELBv2 targets the pod serves through (empty: none, or load balancers not checked):
+    /// its eviction waits until none of them is routed new connections ([`crate::lb::wait`]).
+    /// Filled in by the executor after planning, from `DescribeTargetHealth`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer: Vec<PodTarget>,
 }
 
 /// A run of consecutive steps with the same (order, tier). A wave starts once every pod of every
@@ -447,6 +454,14 @@ pub struct Plan {
     pub voluntary: bool,
     /// Surge steps end with a delete instead of an eviction.
     pub disable_eviction: bool,
+    /// The node's own instance targets in the watched target groups, taken out of their load
+    /// balancers at cordon (by the exclude label, or by nodedrain for configured groups).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub node_targets: Vec<PodTarget>,
+    /// Why load balancers were not checked for this plan, when they were not (an ELBv2 error:
+    /// the drain goes on without load-balancer waits rather than not at all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancers_unchecked: Option<String>,
 }
 
 /// Where one step is, as the executor last observed it.
@@ -565,6 +580,55 @@ impl Plan {
             now,
             self.margin,
         ))
+    }
+
+    /// Adds what the load balancers route to this node and its pods: each step's targets
+    /// ([`served_by`]) and the node's own instance targets. `pods`: those the plan was made
+    /// from; `instance_id`: the node's EC2 instance, when known; `now`: when deregistration
+    /// begins (the drain's start), to say which waits the deadline will cut.
+    pub fn attach_load_balancers(
+        &mut self,
+        pods: &[Pod],
+        instance_id: Option<&str>,
+        view: &LoadBalancerView,
+        now: Timestamp,
+    ) {
+        let voluntary = self.voluntary;
+        let by_uid: BTreeMap<&str, &Pod> = pods
+            .iter()
+            .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
+            .collect();
+        for step in &mut self.steps {
+            let Some(pod) = step.uid.as_deref().and_then(|uid| by_uid.get(uid)) else {
+                continue;
+            };
+            let latest_start = step.latest_start.filter(|_| !voluntary);
+            step.load_balancer = served_by(pod, instance_id, view.pairs())
+                .into_iter()
+                .filter_map(|target| view.pod_target(target))
+                .map(|mut target| {
+                    target.short_by = target
+                        .state
+                        .routes_new_connections()
+                        .then(|| {
+                            crate::lb::wait::shortfall(
+                                target.deregistration_delay,
+                                now,
+                                latest_start,
+                            )
+                        })
+                        .flatten();
+                    target
+                })
+                .collect();
+        }
+        self.node_targets = view
+            .pairs()
+            .filter(|(group, target)| {
+                group.target_type == TargetType::Instance && instance_id == Some(target.id.as_str())
+            })
+            .filter_map(|(_, target)| view.pod_target(target.clone()))
+            .collect();
     }
 
     /// For a step the executor reports as still blocked (PDB 429, surge replacement not Ready,
@@ -781,6 +845,8 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         margin,
         voluntary: options.voluntary,
         disable_eviction: options.disable_eviction,
+        node_targets: Vec::new(),
+        load_balancers_unchecked: None,
     }
 }
 
@@ -1028,6 +1094,7 @@ fn dispose(
         reason,
         hold,
         blocker,
+        load_balancer: Vec::new(),
     }))
 }
 

@@ -58,6 +58,14 @@ pub enum Blocker {
     /// Not started: earlier pods (lower order or tier) are not gone yet.
     #[serde(rename_all = "camelCase")]
     EarlierWave { order: i32, tier: Tier },
+    /// A load balancer still routes new connections to the pod: its eviction waits until the
+    /// target is `draining` or gone, the group's delay has passed, or the deadline comes.
+    LoadBalancer {
+        group: String,
+        target: String,
+        state: String,
+        until: jiff::Timestamp,
+    },
     /// The apiserver asked us to slow down (API Priority and Fairness).
     Throttled { message: String },
     /// The last request failed; retried with backoff.
@@ -108,9 +116,48 @@ impl fmt::Display for Blocker {
                 f,
                 "not started: waiting for pods before order {order} / tier {tier} to be gone"
             ),
+            Blocker::LoadBalancer {
+                group,
+                target,
+                state,
+                until,
+            } => write!(
+                f,
+                "load balancer: target group {group} still routes new connections to {target} \
+                 ({state}); waiting until it drains, at most until {until}"
+            ),
             Blocker::Throttled { message } => write!(f, "apiserver throttling: {message}"),
             Blocker::ApiError { message } => write!(f, "API error (retrying): {message}"),
         }
+    }
+}
+
+/// Why a load-balancer wait ended while a target still took new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancerCut {
+    /// The pod's latest start under the deadline came.
+    Deadline,
+    /// The group's deregistration delay passed since deregistration began.
+    DelayElapsed,
+}
+
+impl LoadBalancerCut {
+    /// The metric label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            LoadBalancerCut::Deadline => "deadline",
+            LoadBalancerCut::DelayElapsed => "delay",
+        }
+    }
+}
+
+impl fmt::Display for LoadBalancerCut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadBalancerCut::Deadline => "the deadline came",
+            LoadBalancerCut::DelayElapsed => "its deregistration delay passed",
+        })
     }
 }
 
@@ -150,6 +197,14 @@ pub enum PodChange {
     DeadlineOverride {
         grace_seconds: i64,
         blocker: Option<Blocker>,
+    },
+    /// Stopped while a load balancer still routed new connections to it (see
+    /// [`LoadBalancerCut`]).
+    LoadBalancerWaitCut {
+        reason: LoadBalancerCut,
+        group: String,
+        target: String,
+        state: String,
     },
     /// Terminating because someone else deleted it (a rollout, another tool).
     TerminatingElsewhere,
@@ -215,6 +270,15 @@ impl fmt::Display for PodChange {
                 }
                 Ok(())
             }
+            PodChange::LoadBalancerWaitCut {
+                reason,
+                group,
+                target,
+                state,
+            } => write!(
+                f,
+                "stopping although target group {group} still routes to {target} ({state}): {reason}"
+            ),
             PodChange::TerminatingElsewhere => {
                 f.write_str("terminating (deleted by another actor)")
             }

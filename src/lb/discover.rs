@@ -15,9 +15,15 @@ use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 
+use aws_sdk_elasticloadbalancingv2::types::TargetDescription;
+
+use super::config::LoadBalancerArgs;
 use super::targets::{
-    DEFAULT_DEREGISTRATION_DELAY, Owner, Target, TargetGroup, TargetState, TargetType,
+    DEFAULT_DEREGISTRATION_DELAY, LoadBalancerView, Owner, Target, TargetGroup, TargetState,
+    TargetType,
 };
+use crate::config::{AwsArgs, AwsConfig};
+use crate::resolve::ManagedTag;
 
 /// The attribute that holds a group's deregistration delay, in seconds.
 const DEREGISTRATION_DELAY_ATTRIBUTE: &str = "deregistration_delay.timeout_seconds";
@@ -92,6 +98,8 @@ pub struct Discovery {
     elbv2: Elbv2,
     /// Target groups named in the configuration: nodedrain deregisters their targets itself.
     configured: Vec<String>,
+    /// Groups carrying this tag are configured too.
+    tag: Option<ManagedTag>,
 }
 
 impl Discovery {
@@ -100,7 +108,53 @@ impl Discovery {
             client,
             elbv2,
             configured,
+            tag: None,
         }
+    }
+
+    /// Also treat the groups carrying `tag` as configured.
+    pub fn with_tag(mut self, tag: Option<ManagedTag>) -> Self {
+        self.tag = tag;
+        self
+    }
+
+    /// The ARNs of every target group carrying the configured tag (none without a tag).
+    async fn tagged(&self) -> Result<Vec<String>, DiscoverError> {
+        let Some(tag) = &self.tag else {
+            return Ok(Vec::new());
+        };
+        let mut arns = Vec::new();
+        let mut pages = self.elbv2.describe_target_groups().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| elbv2_error("DescribeTargetGroups", e))?;
+            arns.extend(
+                page.target_groups()
+                    .iter()
+                    .filter_map(|g| g.target_group_arn().map(str::to_string)),
+            );
+        }
+        let mut tagged = Vec::new();
+        for chunk in arns.chunks(ARNS_PER_CALL) {
+            let out = self
+                .elbv2
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| elbv2_error("DescribeTags", e))?;
+            for description in out.tag_descriptions() {
+                let tags = description
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?, t.value().unwrap_or_default())));
+                if tag.matches(tags)
+                    && let Some(arn) = description.resource_arn()
+                {
+                    tagged.push(arn.to_string());
+                }
+            }
+        }
+        Ok(tagged)
     }
 
     fn bindings_api(&self) -> Api<DynamicObject> {
@@ -139,8 +193,8 @@ impl Discovery {
     /// Lambda and ALB-type groups are left out: their targets are never a node or a pod.
     pub async fn target_groups(&self) -> Result<Vec<TargetGroup>, DiscoverError> {
         let mut owners: BTreeMap<String, Owner> = BTreeMap::new();
-        for arn in &self.configured {
-            owners.insert(arn.clone(), Owner::Configured);
+        for arn in self.configured.iter().cloned().chain(self.tagged().await?) {
+            owners.insert(arn, Owner::Configured);
         }
         for binding in self.bindings().await? {
             owners.insert(
@@ -203,10 +257,18 @@ impl Discovery {
         &self,
         group: &TargetGroup,
     ) -> Result<Vec<(Target, TargetState)>, DiscoverError> {
+        self.target_health(&group.arn).await
+    }
+
+    /// What the group `arn` has registered, and each target's state.
+    pub async fn target_health(
+        &self,
+        arn: &str,
+    ) -> Result<Vec<(Target, TargetState)>, DiscoverError> {
         let out = self
             .elbv2
             .describe_target_health()
-            .target_group_arn(&group.arn)
+            .target_group_arn(arn)
             .send()
             .await
             .map_err(|e| elbv2_error("DescribeTargetHealth", e))?;
@@ -224,7 +286,7 @@ impl Discovery {
                     .unwrap_or(TargetState::Healthy);
                 Some((
                     Target {
-                        group_arn: group.arn.clone(),
+                        group_arn: arn.to_string(),
                         id: target.id()?.to_string(),
                         port: target.port()?,
                     },
@@ -232,6 +294,105 @@ impl Discovery {
                 ))
             })
             .collect())
+    }
+}
+
+impl Discovery {
+    /// Takes `targets` out of the group `arn`: the load balancer stops sending them new
+    /// connections (`draining`) and lets the ones in flight finish for the group's delay.
+    pub async fn deregister(&self, arn: &str, targets: &[Target]) -> Result<(), DiscoverError> {
+        let descriptions = targets
+            .iter()
+            .map(|t| TargetDescription::builder().id(&t.id).port(t.port).build())
+            .collect();
+        self.elbv2
+            .deregister_targets()
+            .target_group_arn(arn)
+            .set_targets(Some(descriptions))
+            .send()
+            .await
+            .map_err(|e| elbv2_error("DeregisterTargets", e))?;
+        Ok(())
+    }
+}
+
+/// The drain engine's access to load balancers: discovery, and whether drains wait at all.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct LoadBalancers {
+    pub discovery: Discovery,
+    /// `--lb-wait`: hold pods until their targets drain. Off, plans still show the targets.
+    pub wait: bool,
+    groups: std::sync::Arc<tokio::sync::Mutex<Option<CachedGroups>>>,
+}
+
+/// The watched groups, and when they were looked up.
+type CachedGroups = (std::time::Instant, Vec<TargetGroup>);
+
+/// How long a lookup of the watched target groups (TargetGroupBindings, tags, attributes)
+/// serves later drains: a burst's drains start within seconds of each other, and groups and
+/// their delays change rarely. Target health is read fresh for every drain.
+const GROUPS_TTL: Duration = Duration::from_secs(60);
+
+impl LoadBalancers {
+    pub fn new(discovery: Discovery, wait: bool) -> Self {
+        LoadBalancers {
+            discovery,
+            wait,
+            groups: Default::default(),
+        }
+    }
+
+    /// For the CLI: ELBv2 access from `--aws-region` / `AWS_REGION` / `AWS_DEFAULT_REGION` and
+    /// the standard credential chain. `Err` says why load balancers cannot be checked (no
+    /// region), for the command to print.
+    pub async fn connect(
+        client: Client,
+        args: &LoadBalancerArgs,
+        aws: &AwsArgs,
+    ) -> Result<LoadBalancers, String> {
+        let region = aws
+            .aws_region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .filter(|r| !r.trim().is_empty())
+            .ok_or_else(|| {
+                "load balancers not checked: no AWS region (set --aws-region or AWS_REGION)"
+                    .to_string()
+            })?;
+        let sdk = AwsConfig {
+            region,
+            endpoint_url: aws.aws_endpoint_url.clone(),
+        }
+        .load()
+        .await;
+        let discovery = Discovery::new(client, Elbv2::new(&sdk), args.target_group_arns())
+            .with_tag(args.target_group_tag.clone());
+        Ok(LoadBalancers::new(discovery, args.wait))
+    }
+
+    /// The watched groups and what they have registered now, the groups from a cache of up to
+    /// [`GROUPS_TTL`].
+    pub async fn view(&self) -> Result<LoadBalancerView, DiscoverError> {
+        let groups = {
+            let mut cached = self.groups.lock().await;
+            match cached.as_ref() {
+                Some((at, groups)) if at.elapsed() < GROUPS_TTL => groups.clone(),
+                _ => {
+                    let groups = self.discovery.target_groups().await?;
+                    *cached = Some((std::time::Instant::now(), groups.clone()));
+                    groups
+                }
+            }
+        };
+        let registered =
+            futures::future::try_join_all(groups.iter().map(|g| self.discovery.registered(g)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+        Ok(LoadBalancerView { groups, registered })
     }
 }
 

@@ -113,11 +113,128 @@ impl fmt::Display for TargetState {
 }
 
 /// A registered target: an instance id or an IP, and a port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Target {
     pub group_arn: String,
     pub id: String,
     pub port: i32,
+}
+
+/// One target a pod serves through, with what a drain needs of its group: the plan's and the
+/// engine's view of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTarget {
+    #[serde(flatten)]
+    pub target: Target,
+    #[serde(serialize_with = "target_type_name")]
+    pub target_type: TargetType,
+    /// The group's `deregistration_delay.timeout_seconds`.
+    #[serde(rename = "deregistrationDelaySeconds", serialize_with = "seconds")]
+    pub deregistration_delay: Duration,
+    /// nodedrain deregisters this target itself: every IP target, and instance targets of
+    /// configured groups. An instance target of a TargetGroupBinding is deregistered by the AWS
+    /// Load Balancer Controller once the node carries the exclude label.
+    pub deregistered_by_nodedrain: bool,
+    /// `DescribeTargetHealth` when the plan was made.
+    #[serde(serialize_with = "state_name")]
+    pub state: TargetState,
+    /// On an involuntary drain, how much longer than the time before the pod's latest start a
+    /// full wait for this target would take: the wait will be cut by the deadline.
+    #[serde(
+        rename = "shortBySeconds",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "optional_seconds"
+    )]
+    pub short_by: Option<Duration>,
+}
+
+impl PodTarget {
+    pub fn new(group: &TargetGroup, target: Target, state: TargetState) -> PodTarget {
+        PodTarget {
+            deregistered_by_nodedrain: group.target_type == TargetType::Ip
+                || group.owner == Owner::Configured,
+            target,
+            target_type: group.target_type,
+            deregistration_delay: group.deregistration_delay,
+            state,
+            short_by: None,
+        }
+    }
+}
+
+impl fmt::Display for PodTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let group = group_name(&self.target.group_arn);
+        write!(
+            f,
+            "{group} {}:{} ({}, {}s delay)",
+            self.target.id,
+            self.target.port,
+            self.state,
+            self.deregistration_delay.as_secs()
+        )
+    }
+}
+
+/// The name part of a target group ARN (`...:targetgroup/NAME/ID`), for people; the ARN when
+/// it has no such part.
+pub fn group_name(arn: &str) -> &str {
+    arn.split_once(":targetgroup/")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .filter(|name| !name.is_empty())
+        .unwrap_or(arn)
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn optional_seconds<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_u64(d.as_secs()),
+        None => s.serialize_none(),
+    }
+}
+
+fn state_name<S: serde::Serializer>(state: &TargetState, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(state)
+}
+
+fn target_type_name<S: serde::Serializer>(kind: &TargetType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match kind {
+        TargetType::Instance => "instance",
+        TargetType::Ip => "ip",
+    })
+}
+
+/// The watched target groups and what each has registered, as one `DescribeTargetHealth`
+/// round saw them.
+#[derive(Debug, Clone, Default)]
+pub struct LoadBalancerView {
+    pub groups: Vec<TargetGroup>,
+    pub registered: Vec<(Target, TargetState)>,
+}
+
+impl LoadBalancerView {
+    /// Every registered target with its group.
+    pub fn pairs(&self) -> impl Iterator<Item = (&TargetGroup, &Target)> {
+        self.registered.iter().filter_map(|(target, _)| {
+            let group = self.groups.iter().find(|g| g.arn == target.group_arn)?;
+            Some((group, target))
+        })
+    }
+
+    pub fn pod_target(&self, target: Target) -> Option<PodTarget> {
+        let group = self.groups.iter().find(|g| g.arn == target.group_arn)?;
+        let state = self
+            .registered
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map_or(TargetState::Gone, |(_, s)| *s);
+        Some(PodTarget::new(group, target, state))
+    }
 }
 
 /// The targets among `registered` (each with its group) that `pod` on the node of instance

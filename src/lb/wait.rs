@@ -13,6 +13,9 @@ pub struct Observed {
     pub target: Target,
     pub state: TargetState,
     pub deregistration_delay: Duration,
+    /// When deregistration of this target began: the node's preparation for an instance target
+    /// (the exclude label, or nodedrain's own DeregisterTargets), the request for an IP target.
+    pub since: Timestamp,
 }
 
 /// What to do with the pod now.
@@ -36,24 +39,21 @@ pub enum Decision {
     DeadlineOverride { target: Target, state: TargetState },
 }
 
-/// Decides for one pod. `since`: when deregistration of its targets began (the node's
-/// preparation for instance targets, or the request for a pod's IP target); `latest_start`: the
-/// last moment the pod may get SIGTERM and still end before the deadline (`None`: no deadline).
-pub fn decide(
-    observed: &[Observed],
-    since: Timestamp,
-    now: Timestamp,
-    latest_start: Option<Timestamp>,
-) -> Decision {
+/// Decides for one pod. `latest_start`: the last moment the pod may get SIGTERM and still end
+/// before the deadline (`None`: no deadline).
+pub fn decide(observed: &[Observed], now: Timestamp, latest_start: Option<Timestamp>) -> Decision {
     let routed: Vec<&Observed> = observed
         .iter()
         .filter(|o| o.state.routes_new_connections())
         .collect();
     // The target that keeps the pod longest names the wait.
-    let Some(longest) = routed.iter().max_by_key(|o| o.deregistration_delay) else {
+    let Some(longest) = routed
+        .iter()
+        .max_by_key(|o| after(o.since, o.deregistration_delay))
+    else {
         return Decision::Clear;
     };
-    let delay_end = after(since, longest.deregistration_delay);
+    let delay_end = after(longest.since, longest.deregistration_delay);
     let target = longest.target.clone();
     let state = longest.state;
     match latest_start {
@@ -116,27 +116,28 @@ mod tests {
             },
             state,
             deregistration_delay: Duration::from_secs(delay),
+            since: t(0),
         }
     }
 
     #[test]
     fn a_pod_behind_no_routed_target_stops_at_once() {
-        assert_eq!(decide(&[], t(0), t(0), None), Decision::Clear);
+        assert_eq!(decide(&[], t(0), None), Decision::Clear);
         let drained = [
             observed("a", TargetState::Draining, 300),
             observed("b", TargetState::Gone, 300),
         ];
-        assert_eq!(decide(&drained, t(0), t(1), Some(t(5))), Decision::Clear);
+        assert_eq!(decide(&drained, t(1), Some(t(5))), Decision::Clear);
     }
 
     #[test]
     fn a_healthy_target_holds_the_pod_until_its_delay_or_latest_start() {
         let healthy = [observed("a", TargetState::Healthy, 30)];
-        let Decision::Hold { until, .. } = decide(&healthy, t(0), t(10), None) else {
+        let Decision::Hold { until, .. } = decide(&healthy, t(10), None) else {
             panic!("held")
         };
         assert_eq!(until, t(30));
-        let Decision::Hold { until, .. } = decide(&healthy, t(0), t(10), Some(t(20))) else {
+        let Decision::Hold { until, .. } = decide(&healthy, t(10), Some(t(20))) else {
             panic!("held")
         };
         assert_eq!(until, t(20), "the latest start comes first");
@@ -146,16 +147,16 @@ mod tests {
     fn the_delay_or_the_deadline_ends_the_wait_whichever_is_first() {
         let healthy = [observed("a", TargetState::Healthy, 30)];
         assert!(matches!(
-            decide(&healthy, t(0), t(30), Some(t(100))),
+            decide(&healthy, t(30), Some(t(100))),
             Decision::DelayElapsed { .. }
         ));
         assert!(matches!(
-            decide(&healthy, t(0), t(20), Some(t(20))),
+            decide(&healthy, t(20), Some(t(20))),
             Decision::DeadlineOverride { .. }
         ));
         // Past both: the deadline came first, so it is an override.
         assert!(matches!(
-            decide(&healthy, t(0), t(40), Some(t(20))),
+            decide(&healthy, t(40), Some(t(20))),
             Decision::DeadlineOverride { .. }
         ));
     }
@@ -171,7 +172,7 @@ mod tests {
             until,
             target,
             state,
-        } = decide(&targets, t(0), t(40), None)
+        } = decide(&targets, t(40), None)
         else {
             panic!("held")
         };
@@ -240,7 +241,7 @@ mod tests {
                 .collect();
             let routed = observed.iter().any(|o| o.state.routes_new_connections());
             let latest_start = latest.map(t);
-            match decide(&observed, t(0), t(now), latest_start) {
+            match decide(&observed, t(now), latest_start) {
                 Decision::Clear => prop_assert!(!routed),
                 Decision::Hold { until, .. } => {
                     prop_assert!(routed);
@@ -256,7 +257,7 @@ mod tests {
                 Decision::DelayElapsed { .. } => prop_assert!(routed),
             }
             if let Some(l) = latest {
-                let at_latest = decide(&observed, t(0), t(l.max(now)), latest_start);
+                let at_latest = decide(&observed, t(l.max(now)), latest_start);
                 prop_assert!(!matches!(at_latest, Decision::Hold { .. }), "held past the latest start");
             }
         }

@@ -165,6 +165,25 @@ struct Sim {
     finished: Option<Result<DrainReport, Fatal>>,
     /// Checked after every input.
     invariant: fn(&Sim),
+    /// An ELBv2 target group in front of some pods: each target's state, and when a draining
+    /// target is gone.
+    targets: BTreeMap<Target, (TargetState, Option<Timestamp>)>,
+    /// Whether DeregisterTargets takes effect (a load balancer that never drains otherwise).
+    lb_responsive: bool,
+}
+
+const GROUP: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/1";
+
+fn ip_target(pod: &str) -> Target {
+    Target {
+        group_arn: GROUP.to_string(),
+        id: format!(
+            "10.0.{}.{}",
+            pod.len(),
+            pod.bytes().map(u32::from).sum::<u32>() % 250
+        ),
+        port: 8080,
+    }
 }
 
 struct Setup {
@@ -178,6 +197,9 @@ struct Setup {
     owners: Owners,
     config: MachineConfig,
     latency: Duration,
+    /// Pods that are IP targets of [`GROUP`], with its deregistration delay in seconds.
+    lb: Vec<(&'static str, u64)>,
+    lb_responsive: bool,
 }
 
 impl Setup {
@@ -192,7 +214,15 @@ impl Setup {
             owners: Owners::new(),
             config: config(),
             latency: Duration::ZERO,
+            lb: Vec::new(),
+            lb_responsive: true,
         }
+    }
+
+    /// `pod` serves as an IP target of [`GROUP`], whose delay is `delay` seconds.
+    fn target(mut self, pod: &'static str, delay: u64) -> Self {
+        self.lb.push((pod, delay));
+        self
     }
 
     fn pdb(mut self, name: &'static str, app: &'static str, min_available: i32) -> Self {
@@ -240,8 +270,25 @@ impl Setup {
             now,
             deadline: self.deadline,
         });
+        let mut plan = plan;
+        let mut targets = BTreeMap::new();
+        for (pod, delay) in &self.lb {
+            let target = ip_target(pod);
+            targets.insert(target.clone(), (TargetState::Healthy, None));
+            let step = plan.steps.iter_mut().find(|s| s.name == *pod).unwrap();
+            step.load_balancer.push(crate::lb::targets::PodTarget {
+                target,
+                target_type: TargetType::Ip,
+                deregistration_delay: Duration::from_secs(*delay),
+                deregistered_by_nodedrain: true,
+                state: TargetState::Healthy,
+                short_by: None,
+            });
+        }
         let record = DrainRecord::manual(now, self.deadline);
         let mut sim = Sim {
+            targets,
+            lb_responsive: self.lb_responsive,
             machine: Machine::new(self.config),
             now,
             cluster,
@@ -327,7 +374,17 @@ impl Sim {
                 }
                 self.hold(action);
             }
-            Action::Delete { .. } | Action::RestartRollout { .. } => self.hold(action),
+            Action::Delete { .. }
+            | Action::RestartRollout { .. }
+            | Action::DescribeTargetHealth { .. } => self.hold(action),
+            Action::DeregisterTargets { targets, .. } if self.lb_responsive => {
+                for target in targets {
+                    let delay = self.delay_of(target);
+                    if let Some(entry) = self.targets.get_mut(target) {
+                        *entry = (TargetState::Draining, Some(after(self.now, delay)));
+                    }
+                }
+            }
             Action::Finish { result, .. } => self.finished = Some(result.clone()),
             _ => {}
         }
@@ -417,6 +474,19 @@ impl Sim {
                     result: Ok(outcome),
                 });
             }
+            Action::DescribeTargetHealth { group } => {
+                let now = self.now;
+                let registered = self
+                    .targets
+                    .iter()
+                    .filter(|(_, (_, gone))| gone.is_none_or(|g| now < g))
+                    .map(|(t, (state, _))| (t.clone(), *state))
+                    .collect();
+                self.feed(Input::TargetHealth {
+                    group,
+                    result: Ok(registered),
+                });
+            }
             Action::RestartRollout { surge, .. } => self.feed(Input::RolloutRestarted {
                 surge,
                 result: Ok(SurgeStart::Restarted {
@@ -426,6 +496,20 @@ impl Sim {
             }),
             _ => {}
         }
+    }
+
+    fn delay_of(&self, target: &Target) -> Duration {
+        self.plan
+            .steps
+            .iter()
+            .flat_map(|s| &s.load_balancer)
+            .find(|t| t.target == *target)
+            .map_or(Duration::ZERO, |t| t.deregistration_delay)
+    }
+
+    /// When the first action matching `f` was taken.
+    fn first(&self, f: impl Fn(&Action) -> bool) -> Option<Timestamp> {
+        self.log.iter().find(|(_, a)| f(a)).map(|(t, _)| *t)
     }
 
     fn forget_unreflected(&mut self, pod: &str) {
@@ -1520,4 +1604,130 @@ proptest! {
             prop_assert!(sim.deletes().is_empty(), "a voluntary drain deleted a pod");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load balancers
+// ---------------------------------------------------------------------------------------------
+
+fn evicted_at(sim: &Sim, name: &str) -> Option<Timestamp> {
+    sim.first(
+        |a| matches!(a, Action::Evict { pod, .. } | Action::Delete { pod, .. } if pod.name == name),
+    )
+}
+
+fn deregistered_at(sim: &Sim, name: &str) -> Option<Timestamp> {
+    let target = ip_target(name);
+    sim.first(
+        |a| matches!(a, Action::DeregisterTargets { targets, .. } if targets.contains(&target)),
+    )
+}
+
+fn cuts(sim: &Sim) -> Vec<(String, LoadBalancerCut)> {
+    sim.log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Progress {
+                event:
+                    ProgressEvent::Pod {
+                        pod,
+                        change: PodChange::LoadBalancerWaitCut { reason, .. },
+                        ..
+                    },
+                ..
+            } => Some((pod.name.clone(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_pod_behind_a_load_balancer_is_evicted_only_once_its_target_drains() {
+    let mut sim = Setup::new(vec![
+        app_pod("web", "web", 5),
+        app_pod("worker", "worker", 5),
+    ])
+    .target("web", 300)
+    .start();
+    sim.run(t(600));
+    assert_eq!(sim.report().outcome, DrainOutcome::Drained);
+    // The pod without a target is not held back.
+    assert_eq!(evicted_at(&sim, "worker"), Some(t(0)));
+    let position = |f: &dyn Fn(&Action) -> bool| sim.log.iter().position(|(_, a)| f(a));
+    let deregistered = position(&|a| matches!(a, Action::DeregisterTargets { .. }))
+        .expect("its IP target is deregistered");
+    let evicted = position(&|a| matches!(a, Action::Evict { pod, .. } if pod.name == "web"))
+        .expect("evicted");
+    let asked = position(&|a| matches!(a, Action::DescribeTargetHealth { .. })).unwrap();
+    // Deregistered first, then asked, then evicted: the answer that shows it draining frees it,
+    // long before the 300 s delay.
+    assert!(deregistered < asked && asked < evicted);
+    assert!(evicted_at(&sim, "web").unwrap() < t(10));
+    assert!(cuts(&sim).is_empty(), "nothing was cut short");
+}
+
+#[test]
+fn a_target_that_never_drains_ends_its_wait_at_the_delay_and_says_so() {
+    let mut setup = Setup::new(vec![app_pod("web", "web", 5)]).target("web", 30);
+    setup.lb_responsive = false;
+    let mut sim = setup.start();
+    sim.run(t(600));
+    assert_eq!(sim.report().outcome, DrainOutcome::Drained);
+    let evicted = evicted_at(&sim, "web").unwrap();
+    assert!(evicted >= t(30) && evicted < t(33), "evicted at {evicted}");
+    assert_eq!(
+        cuts(&sim),
+        vec![("web".to_string(), LoadBalancerCut::DelayElapsed)]
+    );
+    assert!(blockers_of(&sim, "web").iter().any(|(_, b)| matches!(
+        b,
+        Blocker::LoadBalancer { state, group, .. } if state == "healthy" && group == "web"
+    )));
+    assert!(sim.log.iter().any(|(_, a)| matches!(
+        a,
+        Action::Publish { event, .. } if event.reason == names::reasons::LOAD_BALANCER_WAIT_CUT
+    )));
+}
+
+#[test]
+fn the_deadline_cuts_a_wait_that_does_not_fit_at_the_pods_latest_start() {
+    let mut setup = Setup::new(vec![app_pod("web", "web", 5)])
+        .target("web", 300)
+        .involuntary(t(100));
+    setup.lb_responsive = false;
+    let mut sim = setup.start();
+    sim.run(t(600));
+    let latest = sim.plan.steps[0].latest_start.unwrap();
+    let evicted = evicted_at(&sim, "web").unwrap();
+    assert!(evicted >= latest && evicted < after(latest, Duration::from_secs(1)));
+    assert_eq!(
+        cuts(&sim),
+        vec![("web".to_string(), LoadBalancerCut::Deadline)]
+    );
+}
+
+#[test]
+fn a_deregistration_spends_the_budget_so_no_more_targets_leave_than_it_allows() {
+    // minAvailable 2 of 3 allows one disruption. Deregistering a second pod while the first
+    // waits would take two backends out of the load balancer: the wait holds the budget.
+    let mut setup = Setup::new(vec![
+        app_pod("web-a", "web", 5),
+        app_pod("web-b", "web", 5),
+        app_pod("web-c", "web", 5),
+    ])
+    .pdb("web", "web", 2)
+    .target("web-a", 300)
+    .target("web-b", 300)
+    .target("web-c", 300);
+    setup.latency = Duration::from_secs(1);
+    // Two requests in flight per PDB are allowed, so only the budget can hold the second.
+    setup.config.evictions_per_pdb = 2;
+    let mut sim = setup.start();
+    sim.run(t(60));
+    let deregistered: Vec<&str> = ["web-a", "web-b", "web-c"]
+        .into_iter()
+        .filter(|p| deregistered_at(&sim, p).is_some())
+        .collect();
+    assert_eq!(deregistered.len(), 1, "deregistered: {deregistered:?}");
+    assert_eq!(evicted_at(&sim, deregistered[0]).is_some(), true);
 }
