@@ -1729,5 +1729,5 @@ fn a_deregistration_spends_the_budget_so_no_more_targets_leave_than_it_allows() 
         .filter(|p| deregistered_at(&sim, p).is_some())
         .collect();
     assert_eq!(deregistered.len(), 1, "deregistered: {deregistered:?}");
-    assert_eq!(evicted_at(&sim, deregistered[0]).is_some(), true);
+    assert!(evicted_at(&sim, deregistered[0]).is_some());
 }
