@@ -7,93 +7,15 @@ mod support;
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
-use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use elbv2::types::TargetTypeEnum;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::wait::{await_condition, conditions};
 use nodedrain::lb::discover::Discovery;
 use nodedrain::lb::targets::{Owner, TargetType, served_by};
 use serde_json::json;
 use support::drain::{name_of, on_node};
-use support::{Sandbox, Scope, ready_pods};
-
-/// Installs the TargetGroupBinding CRD the sandbox ships, unless it is there.
-async fn ensure_binding_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "targetgroupbindings.elbv2.k8s.aws";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sandbox/crds/targetgroupbindings.yaml"
-        );
-        let text = std::fs::read_to_string(path).expect("the CRD manifest");
-        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
-        }
-    }
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
-}
-
-async fn target_group(
-    elb: &elbv2::Client,
-    vpc: &str,
-    name: &str,
-    kind: TargetTypeEnum,
-    port: i32,
-    delay: u64,
-) -> String {
-    let request = elb
-        .create_target_group()
-        .name(name)
-        .protocol(ProtocolEnum::Tcp)
-        .port(port)
-        .vpc_id(vpc)
-        .target_type(kind);
-    support::aws::target_group_with_delay(elb, request, delay).await
-}
-
-async fn register(elb: &elbv2::Client, group: &str, id: &str, port: i32) {
-    elb.register_targets()
-        .target_group_arn(group)
-        .targets(TargetDescription::builder().id(id).port(port).build())
-        .send()
-        .await
-        .expect("register target");
-}
-
-/// A pod `name` (label app=name) with one container and the given ports.
-async fn pod(scope: &Scope, name: &str, ports: serde_json::Value) {
-    let mut spec = scope.pod_spec(1);
-    spec["containers"][0]["ports"] = ports;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": spec,
-    }))
-    .unwrap();
-    scope
-        .pods()
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
-}
-
-fn ip_of(pod: &Pod) -> String {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .expect("a pod IP")
-}
+use support::lb::{ensure_binding_crd, ip_of, pod, register, target_group, vpc};
+use support::{Sandbox, ready_pods};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods() {
@@ -135,17 +57,8 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
     let batch = pods.get("batch").await.unwrap();
 
     let aws = &scope.aws;
-    let ec2 = aws_sdk_ec2::Client::new(aws);
     let elb = elbv2::Client::new(aws);
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .expect("create vpc")
-        .vpc
-        .and_then(|v| v.vpc_id)
-        .expect("vpc id");
+    let vpc = vpc(aws).await;
     let suffix = std::process::id();
     // An NLB group the operator runs with Terraform: instance targets on the proxy's host port.
     let edge = target_group(

@@ -213,6 +213,15 @@ pub async fn drain(
     nodes: &[String],
     request: DrainRequest,
 ) -> (Result<DrainReport, DrainError>, Vec<ProgressEvent>) {
+    drain_with(&drainer(scope), nodes, request).await
+}
+
+/// Runs a drain on `drainer`, collecting every progress event.
+pub async fn drain_with(
+    drainer: &Drainer,
+    nodes: &[String],
+    request: DrainRequest,
+) -> (Result<DrainReport, DrainError>, Vec<ProgressEvent>) {
     let (sender, mut receiver) = mpsc::channel(1024);
     let collector = tokio::spawn(async move {
         let mut events = Vec::new();
@@ -221,7 +230,7 @@ pub async fn drain(
         }
         events
     });
-    let result = drainer(scope).drain(nodes, request, sender).await;
+    let result = drainer.drain(nodes, request, sender).await;
     let events = collector.await.unwrap();
     (result, events)
 }
