@@ -1731,3 +1731,43 @@ fn a_deregistration_spends_the_budget_so_no_more_targets_leave_than_it_allows() 
     assert_eq!(deregistered.len(), 1, "deregistered: {deregistered:?}");
     assert!(evicted_at(&sim, deregistered[0]).is_some());
 }
+
+#[test]
+fn a_surge_replacement_must_be_healthy_in_the_old_pods_target_group_not_only_ready() {
+    let mut sim = surge_setup().target("web-old", 300).start();
+    sim.run(t(1));
+    let surge = surge_of(&sim);
+    let mut new = replacement(true);
+    new.status.get_or_insert_with(Default::default).pod_ip = Some(ip_target("web-new").id);
+    sim.cluster.pods.insert(
+        "web-new".to_string(),
+        ModelPod {
+            pod: new.clone(),
+            app: "web".to_string(),
+            gone_at: None,
+        },
+    );
+    sim.publish_pdbs("web", true);
+    sim.feed(Input::SurgePods {
+        surge,
+        event: WatchEvent::Apply(new),
+    });
+    // Ready, but the load balancer has not registered it yet, then sees it only `initial`.
+    sim.run(t(20));
+    sim.targets
+        .insert(ip_target("web-new"), (TargetState::Initial, None));
+    sim.run(t(40));
+    assert!(
+        deregistered_at(&sim, "web-old").is_none() && evicted_at(&sim, "web-old").is_none(),
+        "the old pod stays in service until its replacement serves"
+    );
+    sim.targets
+        .insert(ip_target("web-new"), (TargetState::Healthy, None));
+    sim.run(t(60));
+    let healthy_seen = deregistered_at(&sim, "web-old").expect("deregistered once it serves");
+    assert!(
+        healthy_seen >= t(40) && healthy_seen <= t(43),
+        "at {healthy_seen}"
+    );
+    assert!(evicted_at(&sim, "web-old").is_some_and(|e| e >= healthy_seen));
+}
