@@ -198,7 +198,7 @@ struct Setup {
     config: MachineConfig,
     latency: Duration,
     /// Pods that are IP targets of [`GROUP`], with its deregistration delay in seconds.
-    lb: Vec<(&'static str, u64)>,
+    lb: Vec<(String, u64)>,
     lb_responsive: bool,
 }
 
@@ -220,8 +220,8 @@ impl Setup {
     }
 
     /// `pod` serves as an IP target of [`GROUP`], whose delay is `delay` seconds.
-    fn target(mut self, pod: &'static str, delay: u64) -> Self {
-        self.lb.push((pod, delay));
+    fn target(mut self, pod: &str, delay: u64) -> Self {
+        self.lb.push((pod.to_string(), delay));
         self
     }
 
@@ -1405,8 +1405,18 @@ proptest! {
         (pods, pdbs) in cluster_strategy(),
         deadline in 30i64..240,
         latency_ms in 0u64..500,
+        // Every pod behind a load balancer with this delay, which may never drain.
+        lb in proptest::option::of((0u64..400, proptest::bool::ANY)),
     ) {
-        let mut sim = setup_from(pods, &pdbs).involuntary(t(deadline)).start();
+        let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+        let mut setup = setup_from(pods, &pdbs).involuntary(t(deadline));
+        if let Some((delay, responsive)) = lb {
+            for name in &names {
+                setup = setup.target(name, delay);
+            }
+            setup.lb_responsive = responsive;
+        }
+        let mut sim = setup.start();
         sim.latency = Duration::from_millis(latency_ms);
         sim.run(t(deadline + 60));
         let stopped = sim.stopped_at();
