@@ -323,11 +323,21 @@ pub struct LoadBalancers {
     pub discovery: Discovery,
     /// `--lb-wait`: hold pods until their targets drain. Off, plans still show the targets.
     pub wait: bool,
-    groups: std::sync::Arc<tokio::sync::Mutex<Option<CachedGroups>>>,
+    cache: std::sync::Arc<tokio::sync::Mutex<Cached>>,
 }
 
-/// The watched groups, and when they were looked up.
-type CachedGroups = (std::time::Instant, Vec<TargetGroup>);
+/// The last view, and when its parts were read.
+#[derive(Default)]
+struct Cached {
+    view: LoadBalancerView,
+    groups_at: Option<std::time::Instant>,
+    health_at: Option<std::time::Instant>,
+}
+
+/// How long one `DescribeTargetHealth` round serves the drains that start after it: a burst
+/// of 200 spot warnings would otherwise ask every group 200 times within seconds, far above
+/// ELBv2's request rate. The wait itself reads target health afresh every 2 s.
+const HEALTH_TTL: Duration = Duration::from_secs(2);
 
 /// How long a lookup of the watched target groups (TargetGroupBindings, tags, attributes)
 /// serves later drains: a burst's drains start within seconds of each other, and groups and
@@ -339,7 +349,7 @@ impl LoadBalancers {
         LoadBalancers {
             discovery,
             wait,
-            groups: Default::default(),
+            cache: Default::default(),
         }
     }
 
@@ -372,27 +382,28 @@ impl LoadBalancers {
         Ok(LoadBalancers::new(discovery, args.wait))
     }
 
-    /// The watched groups and what they have registered now, the groups from a cache of up to
-    /// [`GROUPS_TTL`].
+    /// The watched groups and what they have registered: the groups from a cache of up to
+    /// [`GROUPS_TTL`], their targets from one of up to [`HEALTH_TTL`].
     pub async fn view(&self) -> Result<LoadBalancerView, DiscoverError> {
-        let groups = {
-            let mut cached = self.groups.lock().await;
-            match cached.as_ref() {
-                Some((at, groups)) if at.elapsed() < GROUPS_TTL => groups.clone(),
-                _ => {
-                    let groups = self.discovery.target_groups().await?;
-                    *cached = Some((std::time::Instant::now(), groups.clone()));
-                    groups
-                }
-            }
-        };
-        let registered =
-            futures::future::try_join_all(groups.iter().map(|g| self.discovery.registered(g)))
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
-        Ok(LoadBalancerView { groups, registered })
+        let mut cached = self.cache.lock().await;
+        let fresh =
+            |at: Option<std::time::Instant>, ttl: Duration| at.is_some_and(|at| at.elapsed() < ttl);
+        if !fresh(cached.groups_at, GROUPS_TTL) {
+            cached.view.groups = self.discovery.target_groups().await?;
+            cached.groups_at = Some(std::time::Instant::now());
+            cached.health_at = None;
+        }
+        if !fresh(cached.health_at, HEALTH_TTL) {
+            let groups = &cached.view.groups;
+            cached.view.registered =
+                futures::future::try_join_all(groups.iter().map(|g| self.discovery.registered(g)))
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            cached.health_at = Some(std::time::Instant::now());
+        }
+        Ok(cached.view.clone())
     }
 }
 
