@@ -341,7 +341,7 @@ const HEALTH_TTL: Duration = Duration::from_secs(2);
 
 /// How long a lookup of the watched target groups (TargetGroupBindings, tags, attributes)
 /// serves later drains: a burst's drains start within seconds of each other, and groups and
-/// their delays change rarely. Target health is read fresh for every drain.
+/// their delays change rarely.
 const GROUPS_TTL: Duration = Duration::from_secs(60);
 
 impl LoadBalancers {
