@@ -746,6 +746,7 @@ async fn run(
             t.victims.len(),
         )
     };
+    support::bench::assert_sandbox_intact(&format!("{} / {label}", row.name));
     let peak_rss_kib = proc_status_kib(pid, "VmHWM");
     let cgroup = running.cgroup_stats();
     let cpu: BTreeMap<String, f64> = cpu_seconds(&processes, Some(pid))

@@ -278,6 +278,21 @@ pub fn cpu_seconds(names: &[&str], pid: Option<u32>) -> BTreeMap<String, f64> {
     out
 }
 
+/// Panics unless every part of the sandbox still runs (`sandbox/sandbox status`): a run during
+/// which the scheduler exited (it does when it loses its lease under load) measured a cluster
+/// that could place no replacement, and its numbers must not be reported.
+pub fn assert_sandbox_intact(what: &str) {
+    let output = std::process::Command::new(super::repo_root().join("sandbox/sandbox"))
+        .arg("status")
+        .output()
+        .expect("run sandbox/sandbox status");
+    assert!(
+        output.status.success(),
+        "{what}: the sandbox lost a part during the run, so its numbers are not reported:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
 /// When [`watch_pods`] saw the drained nodes empty, waiting up to `timeout`; `None` if not by then.
 pub async fn when_empty(
     empty: &mut watch::Receiver<Option<Instant>>,

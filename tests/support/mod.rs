@@ -47,7 +47,7 @@ pub struct Sandbox {
     pub kubeconfig: PathBuf,
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
