@@ -13,41 +13,14 @@ use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::wait::{await_condition, conditions};
 use serde_json::{Value, json};
+use support::controller::ensure_target_group_binding_crd;
 use support::json_schema::validate;
 use support::{Sandbox, Scope, ready_pods, var};
 
 const READINESS_LABEL: &str = "elbv2.k8s.aws/pod-readiness-gate-inject";
-
-/// Installs the TargetGroupBinding CRD the sandbox ships, unless it is there.
-async fn ensure_binding_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "targetgroupbindings.elbv2.k8s.aws";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sandbox/crds/targetgroupbindings.yaml"
-        );
-        let text = std::fs::read_to_string(path).expect("the CRD manifest");
-        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
-        }
-    }
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
-}
 
 /// A Deployment `name` of `replicas` pods on `node` serving on 8080, grace 30 s, with or
 /// without a preStop. The template names the node: the pods skip the scheduler, whose queue a
@@ -139,7 +112,7 @@ async fn audit_reports_what_load_balancers_break_and_survives_without_elbv2() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("audit-lb").await;
     let ns = scope.id.clone();
-    ensure_binding_crd(&scope.client).await;
+    ensure_target_group_binding_crd(&scope.client).await;
     let nodes = scope.nodes(1).await;
     let node = nodes[0].metadata.name.clone().unwrap();
     deployment(&scope, &node, "web", 3, false).await;
