@@ -56,8 +56,9 @@ const PARALLEL_SETUPS: usize = 12;
 const SETTLE: Duration = Duration::from_secs(20);
 /// Port of the test pods' IP targets.
 const TARGET_PORT: i32 = 8080;
-/// Deregistration delay of a run's target group: short, so a drain that waits it out still fits
-/// in [`DRAIN_WINDOW`].
+/// Deregistration delay of a run's target group. No load balancer forwards to the group, so its
+/// targets are `unused` and no pod waits for them (the run is about permissions, not the wait);
+/// short all the same, so that a drain that did wait would still fit in [`DRAIN_WINDOW`].
 const TARGET_GROUP_DELAY: u64 = 5;
 
 fn binding_resource() -> ApiResource {
