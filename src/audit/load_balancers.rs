@@ -324,6 +324,7 @@ fn ip_targets_without_prestop(groups: &[Indexed<'_>], w: &Workload<'_>, out: &mu
     let mut pods: Vec<&Pod> = Vec::new();
     // The group whose delay is longest names the finding: it is the one the pods fall shortest of.
     let mut longest: Option<&TargetGroup> = None;
+    // The longest grace among them: the finding holds for every pod, so the best case is shown.
     let mut grace_shown = 0;
     for pod in &w.live {
         let grace = policy::pod_grace_seconds(pod);
@@ -353,7 +354,7 @@ fn ip_targets_without_prestop(groups: &[Indexed<'_>], w: &Workload<'_>, out: &mu
         }
         if let Some(group) = hit {
             pods.push(pod);
-            grace_shown = grace;
+            grace_shown = grace_shown.max(grace);
             if longest.is_none_or(|l| l.deregistration_delay < group.deregistration_delay) {
                 longest = Some(group);
             }
