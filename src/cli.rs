@@ -184,6 +184,12 @@ pub struct AuditArgs {
     /// many at once, then the rest of the second waits).
     #[arg(long, default_value_t = 50.0)]
     pub qps: f64,
+    // Target groups to audit besides those of TargetGroupBindings.
+    #[command(flatten)]
+    pub lb: crate::lb::config::LoadBalancerArgs,
+    // Where ELBv2 is; without a region the ELBv2 checks are skipped (the report says so).
+    #[command(flatten)]
+    pub aws: crate::config::AwsArgs,
 }
 
 #[cfg(test)]

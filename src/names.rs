@@ -71,6 +71,14 @@ pub const LABEL_EKS_CAPACITY_TYPE: &str = "eks.amazonaws.com/capacityType";
 /// `normal`). Read by `nodedrain audit` to find spot-capable nodes.
 pub const LABEL_NODE_LIFECYCLE: &str = "node.kubernetes.io/lifecycle";
 
+/// Namespace label of the AWS Load Balancer Controller: with the value
+/// [`LABEL_ELBV2_POD_READINESS_GATE_INJECT_ENABLED`], its webhook gives new pods of IP-target
+/// TargetGroupBindings a readiness gate that holds them unready until their target is healthy.
+/// Read by `nodedrain audit` (`readiness-gate-not-injected`).
+pub const LABEL_ELBV2_POD_READINESS_GATE_INJECT: &str = "elbv2.k8s.aws/pod-readiness-gate-inject";
+/// The value of [`LABEL_ELBV2_POD_READINESS_GATE_INJECT`] that turns injection on.
+pub const LABEL_ELBV2_POD_READINESS_GATE_INJECT_ENABLED: &str = "enabled";
+
 /// Deployment pod-template annotation nodedrain writes to start a surge rollout; the same key
 /// `kubectl rollout restart` uses, so operators recognise it.
 pub const ANNOTATION_RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";

@@ -43,6 +43,12 @@ interruptions:
   outOfServiceTaint: true
 karpenter:
   handoff: false
+loadBalancers:
+  wait: false
+  targetGroups:
+    - arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/edge/0123456789abcdef
+    - arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/api-tcp/fedcba9876543210
+  targetGroupTag: kubernetes.io/cluster/prod=owned
 policy:
   rules:
     - namespaces: [kube-system]
@@ -176,10 +182,17 @@ fn values_yaml() -> Value {
     serde_saphyr::from_str(&text).expect("values.yaml parses")
 }
 
-/// Every `NODEDRAIN_*` variable the controller reads, from its clap definitions.
+/// Every `NODEDRAIN_*` variable the controller reads, from its clap definitions (the settings
+/// shared with the CLI, such as the load-balancer ones, live in their module's config.rs).
 fn controller_env_vars() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs"))
-        .expect("src/config.rs");
+    let source = ["src/config.rs", "src/lb/config.rs"]
+        .iter()
+        .map(|file| {
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     let vars: BTreeSet<String> = source
         .split("env = \"")
         .skip(1)
@@ -301,6 +314,8 @@ fn defaults_render_a_least_privilege_ha_controller() {
         ("NODEDRAIN_DEADLINE_MARGIN", "10s"),
         ("NODEDRAIN_OUT_OF_SERVICE_TAINT", "false"),
         ("NODEDRAIN_KARPENTER_HANDOFF", "true"),
+        // Waiting on load balancers is on; no group configured, so no list and no tag.
+        ("NODEDRAIN_LB_WAIT", "true"),
         ("NODEDRAIN_POLICY", "/etc/nodedrain/policy/policy.yaml"),
         ("NODEDRAIN_QPS", "100"),
         ("NODEDRAIN_CORDON_QPS", "250"),
@@ -337,6 +352,7 @@ fn defaults_render_a_least_privilege_ha_controller() {
             {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": ["elbv2.k8s.aws"], "resources": ["targetgroupbindings"], "verbs": ["list"]},
             {"apiGroups": ["karpenter.sh"], "resources": ["nodeclaims"], "verbs": ["list", "delete"]},
         ])
     );
@@ -497,6 +513,16 @@ fn every_option_renders_where_it_belongs() {
         ),
         ("NODEDRAIN_OUT_OF_SERVICE_TAINT", "true"),
         ("NODEDRAIN_KARPENTER_HANDOFF", "false"),
+        ("NODEDRAIN_LB_WAIT", "false"),
+        (
+            "NODEDRAIN_LB_TARGET_GROUPS",
+            "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/edge/0123456789abcdef,\
+             arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/api-tcp/fedcba9876543210",
+        ),
+        (
+            "NODEDRAIN_LB_TARGET_GROUP_TAG",
+            "kubernetes.io/cluster/prod=owned",
+        ),
         ("NODEDRAIN_QPS", "250.5"),
         ("NODEDRAIN_CORDON_QPS", "400"),
         ("NODEDRAIN_LEASE_NAME", "nodedrain-prod"),
@@ -533,12 +559,18 @@ fn every_option_renders_where_it_belongs() {
         assert!(env.contains_key(&var), "the chart does not set {var}");
     }
 
-    // Handoff off: no NodeClaim rule.
+    // Handoff off: no NodeClaim rule. The TargetGroupBinding rule does not depend on
+    // loadBalancers.wait.
     let rules = the(&objects, "ClusterRole")["rules"]
         .as_array()
         .unwrap()
         .clone();
-    assert_eq!(rules.len(), 7);
+    assert_eq!(rules.len(), 8);
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["resources"] == json!(["targetgroupbindings"]))
+    );
     assert!(
         !rules
             .iter()
@@ -722,6 +754,25 @@ fn the_schema_rejects_bad_values_with_readable_messages() {
         (
             vec![("aws.region", "US-East-1")],
             vec!["at '/aws/region'", "an AWS region name such as us-east-1"],
+        ),
+        // A target group's name where its ARN belongs.
+        (
+            vec![("loadBalancers.targetGroups", "{edge}")],
+            vec![
+                "at '/loadBalancers/targetGroups/0'",
+                "a target group ARN, arn:aws:elasticloadbalancing:<region>:<12-digit account id>:targetgroup/<name>/<id>, not its name",
+            ],
+        ),
+        (
+            vec![("loadBalancers.targetGroupTag", "=owned")],
+            vec![
+                "at '/loadBalancers/targetGroupTag'",
+                "an AWS tag as key or key=value",
+            ],
+        ),
+        (
+            vec![("loadBalancers.wait", "sometimes")],
+            vec!["at '/loadBalancers/wait'"],
         ),
         (
             vec![("notifications.format", "teams")],

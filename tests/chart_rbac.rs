@@ -8,7 +8,9 @@
 //! record, every pod gone (a surged single-replica Deployment, a PDB-guarded Deployment, a pod
 //! with the `delete` strategy), the replacements Ready on the other node, the NodeClaim deleted,
 //! Events recorded; then a second interruption for the same node, whose repeated Events kube's
-//! Recorder patches.
+//! Recorder patches. The PDB-guarded pods are IP targets of an ELBv2 group in moto, bound by a
+//! TargetGroupBinding as the AWS Load Balancer Controller would: the drain has to list the
+//! cluster's bindings to know the group.
 //!
 //! With the chart's rules untouched everything must succeed without a single 403. Then every
 //! rule, and every verb of every rule, is removed in turn (from the installed ClusterRole or
@@ -37,7 +39,7 @@ use kube::runtime::wait::{Condition, await_condition};
 use serde_json::{Value, json};
 use support::aws::{create_queue, sdk_config, send};
 use support::chart::{chart_dir, helm, ok, render, scratch_dir, value_args};
-use support::controller::ensure_nodeclaim_crd;
+use support::controller::{ensure_nodeclaim_crd, ensure_target_group_binding_crd};
 use support::{Sandbox, Scope, TEST_KEY, is_pod_ready, var};
 
 /// Grace period of every test pod: short, so a run takes seconds.
@@ -52,6 +54,19 @@ const REPEAT_WINDOW: Duration = Duration::from_secs(30);
 const PARALLEL_SETUPS: usize = 12;
 /// How long the controllers may take to become Ready before the interruptions go out.
 const SETTLE: Duration = Duration::from_secs(20);
+/// Port of the test pods' IP targets.
+const TARGET_PORT: i32 = 8080;
+/// Deregistration delay of a run's target group. No load balancer forwards to the group, so its
+/// targets are `unused` and no pod waits for them (the run is about permissions, not the wait);
+/// short all the same, so that a drain that did wait would still fit in [`DRAIN_WINDOW`].
+const TARGET_GROUP_DELAY: u64 = 5;
+
+fn binding_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding"),
+        "targetgroupbindings",
+    )
+}
 
 fn nodeclaim_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -235,6 +250,7 @@ fn node_of(pod: &Pod) -> Option<&str> {
 async fn deployment(scope: &Scope, name: &str, replicas: i32, annotations: Value) {
     let mut spec = scope.pod_spec(GRACE);
     spec["containers"][0]["name"] = json!(name);
+    spec["containers"][0]["ports"] = json!([{"containerPort": TARGET_PORT}]);
     let object: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
@@ -708,6 +724,65 @@ async fn prepare(sandbox: &Sandbox, ledger: &Ledger, variant: Variant) -> Prepar
                 .cloned()
         })
         .expect("web pod");
+    // The api pods behind an ALB in IP mode, as the AWS Load Balancer Controller binds them.
+    let elb =
+        aws_sdk_elasticloadbalancingv2::Client::new(&sdk_config(&var("AWS_ENDPOINT_URL")).await);
+    let vpc = aws_sdk_ec2::Client::new(&sdk_config(&var("AWS_ENDPOINT_URL")).await)
+        .describe_vpcs()
+        .send()
+        .await
+        .expect("describe vpcs")
+        .vpcs
+        .and_then(|v| v.into_iter().find_map(|v| v.vpc_id))
+        .expect("a VPC in moto");
+    let group = support::aws::target_group_with_delay(
+        &elb,
+        elb.create_target_group()
+            .name(&release)
+            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .port(TARGET_PORT)
+            .vpc_id(vpc)
+            .target_type(aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Ip),
+        TARGET_GROUP_DELAY,
+    )
+    .await;
+    ledger.note(Created::TargetGroup(group.clone()));
+    for pod in original.iter().filter(|p| {
+        p.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("api-"))
+    }) {
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("pod IP");
+        elb.register_targets()
+            .target_group_arn(&group)
+            .targets(
+                aws_sdk_elasticloadbalancingv2::types::TargetDescription::builder()
+                    .id(ip)
+                    .port(TARGET_PORT)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("register target");
+    }
+    let binding: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "elbv2.k8s.aws/v1beta1",
+        "kind": "TargetGroupBinding",
+        "metadata": {"name": "api"},
+        "spec": {"targetGroupARN": group, "targetType": "ip",
+                 "serviceRef": {"name": "api", "port": 80}},
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &binding_resource())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create the TargetGroupBinding");
+
     let node_b = name_of(&scope.nodes(1).await.remove(0));
     wait_schedulable(&client, &node_b).await;
 
@@ -840,6 +915,7 @@ enum Created {
     Release { name: String, namespace: String },
     Claim(String),
     Queue(String),
+    TargetGroup(String),
 }
 
 /// Everything created, noted as soon as it exists, so that all of it is removed even when a
@@ -857,12 +933,14 @@ impl Ledger {
 
     async fn clean(&self, client: &kube::Client) {
         let created = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        let sqs = aws_sdk_sqs::Client::new(&sdk_config(&var("AWS_ENDPOINT_URL")).await);
+        let sdk = sdk_config(&var("AWS_ENDPOINT_URL")).await;
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let elb = aws_sdk_elasticloadbalancingv2::Client::new(&sdk);
         let claims: Api<DynamicObject> = Api::all_with(client.clone(), &nodeclaim_resource());
         let nodes: Api<Node> = Api::all(client.clone());
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
         futures::future::join_all(created.into_iter().map(|c| {
-            let (sqs, claims, nodes, namespaces) = (&sqs, &claims, &nodes, &namespaces);
+            let (sqs, elb, claims, nodes, namespaces) = (&sqs, &elb, &claims, &nodes, &namespaces);
             async move {
                 match c {
                     Created::Claim(name) => {
@@ -870,6 +948,9 @@ impl Ledger {
                     }
                     Created::Queue(url) => {
                         let _ = sqs.delete_queue().queue_url(url).send().await;
+                    }
+                    Created::TargetGroup(arn) => {
+                        let _ = elb.delete_target_group().target_group_arn(arn).send().await;
                     }
                     Created::Release { name, namespace } => {
                         blocking(move || helm(&["uninstall", &name, "--namespace", &namespace]))
@@ -952,6 +1033,7 @@ async fn a_spot_interruption_drains_with_exactly_the_charts_permissions() {
     let _serial = SERIAL.lock().await;
     let sandbox = Sandbox::connect().await;
     ensure_nodeclaim_crd(&sandbox.client).await;
+    ensure_target_group_binding_crd(&sandbox.client).await;
     let outcome = run_all(
         &sandbox,
         vec![(Removal::Nothing, "nothing removed".into(), Vec::new())],
@@ -989,6 +1071,7 @@ async fn removing_any_rule_or_verb_makes_the_drain_fail() {
     let _serial = SERIAL.lock().await;
     let sandbox = Sandbox::connect().await;
     ensure_nodeclaim_crd(&sandbox.client).await;
+    ensure_target_group_binding_crd(&sandbox.client).await;
     let (cluster_rules, role_rules) = rendered_rules();
     let mut removals = Vec::new();
     for (cluster, rules) in [(true, &cluster_rules), (false, &role_rules)] {

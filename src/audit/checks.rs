@@ -634,7 +634,7 @@ fn single_replica(s: &Subject<'_, '_>, out: &mut Vec<Finding>) {
 
 /// The names of up to five pods (of the workload's namespace), then how many more: enough to
 /// find them with kubectl.
-fn pod_list(pods: &[&Pod]) -> String {
+pub(crate) fn pod_list(pods: &[&Pod]) -> String {
     const SHOWN: usize = 5;
     let mut text = names_of(
         pods.iter()

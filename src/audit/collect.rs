@@ -138,6 +138,7 @@ pub async fn collect(client: &Client, scope: &AuditScope) -> Result<Inventory, A
         services,
         priority_classes,
         nodes,
+        load_balancers: Default::default(),
         notes,
     })
 }

@@ -12,6 +12,7 @@
 
 mod checks;
 mod collect;
+mod load_balancers;
 mod prestop;
 mod scheduling;
 #[cfg(test)]
@@ -34,6 +35,10 @@ use crate::drain::plan::DEFAULT_MARGIN;
 use crate::drain::policy::{ClusterPolicy, LabelSelectorExpr};
 
 pub use collect::{AuditError, collect};
+pub use load_balancers::{
+    AuditedBinding, AwsAccess, AwsArgsError, DescribedGroup, LoadBalancers, aws_access,
+    collect as collect_load_balancers,
+};
 
 /// How long AWS warns before it reclaims a spot instance (the EventBridge "EC2 Spot Instance
 /// Interruption Warning" comes two minutes ahead).
@@ -65,6 +70,9 @@ pub struct Inventory {
     pub services: Vec<Service>,
     pub priority_classes: Vec<PriorityClass>,
     pub nodes: Vec<Node>,
+    /// TargetGroupBindings, their namespaces' labels, and what ELBv2 says of the target groups
+    /// ([`collect_load_balancers`]); empty without them.
+    pub load_balancers: LoadBalancers,
     /// What could not be listed and what the audit therefore cannot judge (for example Nodes
     /// without cluster-wide read access: no spot detection). Copied into [`Report::notes`].
     pub notes: Vec<String>,
@@ -181,11 +189,20 @@ pub enum FindingId {
     UnknownAnnotation,
     /// A pod annotation written on the workload's own metadata instead of its pod template.
     AnnotationOnWorkloadMetadata,
+    /// A target group keeps deregistered targets draining for longer than the deadline (spot
+    /// warning) minus the margin leaves.
+    DeregistrationDelayExceedsDeadline,
+    /// Pods that are IP targets have no preStop hook and a grace shorter than their group's
+    /// deregistration delay.
+    IpTargetWithoutPrestop,
+    /// A TargetGroupBinding with IP targets in a namespace without the AWS Load Balancer
+    /// Controller's readiness-gate injection label.
+    ReadinessGateNotInjected,
 }
 
 impl FindingId {
     /// Every id, in documentation order.
-    pub const ALL: [FindingId; 17] = [
+    pub const ALL: [FindingId; 20] = [
         FindingId::PdbBlocksAllDisruptions,
         FindingId::SingleReplicaWithoutSurge,
         FindingId::SurgeNeedsDeployment,
@@ -203,6 +220,9 @@ impl FindingId {
         FindingId::InvalidAnnotation,
         FindingId::UnknownAnnotation,
         FindingId::AnnotationOnWorkloadMetadata,
+        FindingId::DeregistrationDelayExceedsDeadline,
+        FindingId::IpTargetWithoutPrestop,
+        FindingId::ReadinessGateNotInjected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +244,11 @@ impl FindingId {
             FindingId::InvalidAnnotation => "invalid-annotation",
             FindingId::UnknownAnnotation => "unknown-annotation",
             FindingId::AnnotationOnWorkloadMetadata => "annotation-on-workload-metadata",
+            FindingId::DeregistrationDelayExceedsDeadline => {
+                "deregistration-delay-exceeds-deadline"
+            }
+            FindingId::IpTargetWithoutPrestop => "ip-target-without-prestop",
+            FindingId::ReadinessGateNotInjected => "readiness-gate-not-injected",
         }
     }
 }
@@ -252,7 +277,9 @@ pub struct Finding {
 }
 
 /// A workload and its findings. Pods without a controller are their own workload (kind `Pod`);
-/// a PDB that selects nothing is reported as a workload of kind `PodDisruptionBudget`.
+/// a PDB that selects nothing is reported as a workload of kind `PodDisruptionBudget`, a
+/// TargetGroupBinding with findings as kind `TargetGroupBinding`, and a target group named in
+/// the configuration as kind `TargetGroup` with an empty namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadReport {
@@ -359,6 +386,7 @@ impl Report {
 pub fn audit(inventory: &Inventory, config: &AuditConfig) -> Report {
     let workloads = workloads::group(inventory);
     let mut reports = checks::run(inventory, config, &workloads);
+    load_balancers::check(inventory, config, &workloads, &mut reports);
     reports.sort_by(|a, b| (&a.namespace, &a.kind, &a.name).cmp(&(&b.namespace, &b.kind, &b.name)));
     for report in &mut reports {
         report

@@ -1264,3 +1264,448 @@ fn a_do_not_disrupt_duration_is_valid_and_a_bad_one_is_explained() {
     );
     assert!(f.fix.contains("Go's syntax"), "{}", f.fix);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Load balancers
+// ---------------------------------------------------------------------------------------------
+
+mod load_balancers {
+    use super::*;
+    use crate::config::AwsArgs;
+    use crate::lb::discover::Binding;
+    use crate::lb::targets::{Owner, Target, TargetGroup, TargetType};
+    use crate::names;
+
+    const WEB_ARN: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/1";
+    const EDGE_ARN: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/edge/2";
+
+    fn bound_group(arn: &str, target_type: TargetType, delay: u64) -> TargetGroup {
+        TargetGroup {
+            arn: arn.into(),
+            target_type,
+            deregistration_delay: Duration::from_secs(delay),
+            owner: Owner::Binding {
+                namespace: NS.into(),
+                name: "web".into(),
+            },
+        }
+    }
+
+    fn binding(arn: &str, target_type: Option<TargetType>) -> AuditedBinding {
+        AuditedBinding {
+            binding: Binding {
+                namespace: NS.into(),
+                name: "web".into(),
+                target_group_arn: arn.into(),
+                target_type,
+            },
+            labels: BTreeMap::from([("team".to_string(), "web".to_string())]),
+        }
+    }
+
+    /// `count` live pods of Deployment `app` with IPs 10.1.0.1.., their container (port 8080)
+    /// without a preStop hook, grace 30 s, all registered as IP targets of `group` on `port`.
+    fn ip_targets(inv: &mut Inventory, app: &str, count: usize, group: TargetGroup, port: i32) {
+        let mut t = template(app);
+        t["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("lifecycle");
+        inv.deployments
+            .push(deployment(app, count as i32, t.clone()));
+        let before = inv.pods.len();
+        run_pods(inv, app, count, "n1");
+        let mut targets = Vec::new();
+        for (i, pod) in inv.pods[before..].iter_mut().enumerate() {
+            let ip = format!("10.1.0.{}", i + 1);
+            let spec: k8s_openapi::api::core::v1::PodSpec = from(t["spec"].clone());
+            pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("n1".into()),
+                ..spec
+            });
+            pod.status = Some(from(json!({"phase": "Running", "podIP": ip})));
+            targets.push(Target {
+                group_arn: group.arn.clone(),
+                id: ip,
+                port,
+            });
+        }
+        inv.load_balancers
+            .groups
+            .push(DescribedGroup { group, targets });
+    }
+
+    fn namespace_labels(inv: &mut Inventory, labels: &[(&str, &str)]) {
+        inv.load_balancers.namespace_labels.insert(
+            NS.into(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+
+    #[test]
+    fn a_delay_longer_than_the_spot_warning_leaves_is_reported_on_its_binding() {
+        let mut inv = inventory();
+        inv.load_balancers
+            .bindings
+            .push(binding(WEB_ARN, Some(TargetType::Ip)));
+        namespace_labels(
+            &mut inv,
+            &[(names::LABEL_ELBV2_POD_READINESS_GATE_INJECT, "enabled")],
+        );
+        inv.load_balancers.groups.push(DescribedGroup {
+            group: bound_group(WEB_ARN, TargetType::Ip, 300),
+            targets: Vec::new(),
+        });
+        let report = run(&inv);
+        let f = finding(
+            &report,
+            "TargetGroupBinding/web",
+            FindingId::DeregistrationDelayExceedsDeadline,
+        );
+        assert_eq!(f.severity, Severity::Warning);
+        assert!(f.message.contains("for 300 s"), "{}", f.message);
+        assert!(
+            f.message
+                .contains("120 s warning minus the 10 s margin leaves 110 s"),
+            "{}",
+            f.message
+        );
+        assert!(f.message.contains("cut 190 s before"), "{}", f.message);
+        assert!(
+            f.fix.contains("deregistration_delay.timeout_seconds=110"),
+            "{}",
+            f.fix
+        );
+        let entry = report
+            .workloads
+            .iter()
+            .find(|w| w.kind == "TargetGroupBinding")
+            .unwrap();
+        assert_eq!((entry.namespace.as_str(), entry.replicas), (NS, None));
+
+        // Exactly the limit fits; one second more does not.
+        for (delay, reported) in [(110, false), (111, true)] {
+            inv.load_balancers.groups[0].group.deregistration_delay = Duration::from_secs(delay);
+            let report = run(&inv);
+            assert_eq!(
+                report
+                    .finding_pairs()
+                    .iter()
+                    .any(|(_, id)| *id == FindingId::DeregistrationDelayExceedsDeadline),
+                reported,
+                "delay {delay}: {report:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_delay_is_judged_against_the_deadline_when_one_is_given() {
+        let mut inv = inventory();
+        inv.load_balancers.groups.push(DescribedGroup {
+            group: bound_group(WEB_ARN, TargetType::Ip, 300),
+            targets: Vec::new(),
+        });
+        inv.load_balancers
+            .bindings
+            .push(binding(WEB_ARN, Some(TargetType::Ip)));
+        let five_minutes = AuditConfig {
+            deadline: Some(Duration::from_secs(300)),
+            ..AuditConfig::default()
+        };
+        let f = audit(&inv, &five_minutes);
+        let f = finding(
+            &f,
+            "TargetGroupBinding/web",
+            FindingId::DeregistrationDelayExceedsDeadline,
+        );
+        assert!(
+            f.message
+                .contains("the 300 s deadline minus the 10 s margin leaves 290 s")
+        );
+        let ten_minutes = AuditConfig {
+            deadline: Some(Duration::from_secs(600)),
+            ..AuditConfig::default()
+        };
+        assert!(
+            !audit(&inv, &ten_minutes)
+                .finding_pairs()
+                .iter()
+                .any(|(_, id)| *id == FindingId::DeregistrationDelayExceedsDeadline)
+        );
+    }
+
+    #[test]
+    fn a_configured_group_belongs_to_a_namespaced_audit_only_through_its_pods() {
+        let mut inv = inventory();
+        let configured = TargetGroup {
+            owner: Owner::Configured,
+            ..bound_group(EDGE_ARN, TargetType::Ip, 300)
+        };
+        inv.load_balancers.groups.push(DescribedGroup {
+            group: configured.clone(),
+            targets: vec![Target {
+                group_arn: EDGE_ARN.into(),
+                id: "10.9.9.9".into(),
+                port: 8080,
+            }],
+        });
+        // No pod of this namespace serves through it.
+        assert!(run(&inv).finding_pairs().is_empty(), "{:#?}", run(&inv));
+        // An audit of every namespace reports it, under its name and no namespace.
+        let mut everything = inv.clone();
+        everything.scope.namespace = None;
+        let report = run(&everything);
+        assert!(has(
+            &report,
+            "TargetGroup/edge",
+            FindingId::DeregistrationDelayExceedsDeadline
+        ));
+        let text = report.to_text();
+        assert!(text.contains("\nTargetGroup edge\n"), "{text}");
+        assert!(text.contains("(arn:aws:elasticloadbalancing:"), "{text}");
+        // A pod of the namespace behind it brings it into the namespaced audit.
+        inv.load_balancers.groups.clear();
+        ip_targets(&mut inv, "api", 1, configured, 8080);
+        assert!(has(
+            &run(&inv),
+            "TargetGroup/edge",
+            FindingId::DeregistrationDelayExceedsDeadline
+        ));
+    }
+
+    #[test]
+    fn ip_targets_without_prestop_and_a_grace_shorter_than_the_delay_are_named() {
+        let mut inv = inventory();
+        ip_targets(
+            &mut inv,
+            "web",
+            7,
+            bound_group(WEB_ARN, TargetType::Ip, 300),
+            8080,
+        );
+        let report = run(&inv);
+        let f = finding(&report, "Deployment/web", FindingId::IpTargetWithoutPrestop);
+        assert_eq!(f.severity, Severity::Error);
+        assert!(
+            f.message.starts_with(
+                "7 of its 7 pods (web-rs-0, web-rs-1, web-rs-2, web-rs-3, web-rs-4 and 2 more) \
+                 are an IP target of target group web (deregistration delay 300 s)"
+            ),
+            "{}",
+            f.message
+        );
+        assert!(f.message.contains("a grace of 30 s"), "{}", f.message);
+        assert!(f.fix.contains("lifecycle.preStop"), "{}", f.fix);
+    }
+
+    #[test]
+    fn ip_targets_are_fine_with_a_prestop_a_long_grace_or_another_port() {
+        let group = || bound_group(WEB_ARN, TargetType::Ip, 300);
+        // A preStop hook on the serving container.
+        let mut inv = inventory();
+        ip_targets(&mut inv, "web", 2, group(), 8080);
+        for pod in &mut inv.pods {
+            pod.spec.as_mut().unwrap().containers[0].lifecycle =
+                Some(from(json!({"preStop": {"sleep": {"seconds": 15}}})));
+        }
+        assert!(!has(
+            &run(&inv),
+            "Deployment/web",
+            FindingId::IpTargetWithoutPrestop
+        ));
+        // A grace as long as the delay: the pod outlives the draining.
+        let mut inv = inventory();
+        ip_targets(&mut inv, "web", 2, group(), 8080);
+        for pod in &mut inv.pods {
+            pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(300);
+        }
+        assert!(!has(
+            &run(&inv),
+            "Deployment/web",
+            FindingId::IpTargetWithoutPrestop
+        ));
+        // Registered on a port the pod does not serve: not its target.
+        let mut inv = inventory();
+        ip_targets(&mut inv, "web", 2, group(), 9090);
+        assert!(!has(
+            &run(&inv),
+            "Deployment/web",
+            FindingId::IpTargetWithoutPrestop
+        ));
+        // Only some pods registered: the count says so.
+        let mut inv = inventory();
+        ip_targets(&mut inv, "web", 3, group(), 8080);
+        inv.load_balancers.groups[0].targets.truncate(1);
+        let report = run(&inv);
+        let f = finding(&report, "Deployment/web", FindingId::IpTargetWithoutPrestop);
+        assert!(
+            f.message
+                .starts_with("1 of its 3 pods (web-rs-0) is an IP target"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn an_ip_binding_needs_the_readiness_gate_label_on_its_namespace() {
+        let label = names::LABEL_ELBV2_POD_READINESS_GATE_INJECT;
+        let mut inv = inventory();
+        inv.load_balancers
+            .bindings
+            .push(binding(WEB_ARN, Some(TargetType::Ip)));
+        namespace_labels(&mut inv, &[("kubernetes.io/metadata.name", NS)]);
+        let report = run(&inv);
+        let f = finding(
+            &report,
+            "TargetGroupBinding/web",
+            FindingId::ReadinessGateNotInjected,
+        );
+        assert_eq!(f.severity, Severity::Warning);
+        assert!(
+            f.message
+                .contains(&format!("namespace {NS} lacks the label {label}=enabled")),
+            "{}",
+            f.message
+        );
+        assert!(
+            f.fix
+                .starts_with(&format!("kubectl label namespace {NS} {label}=enabled")),
+            "{}",
+            f.fix
+        );
+        // Any other value does not turn injection on.
+        namespace_labels(&mut inv, &[(label, "disabled")]);
+        assert!(has(
+            &run(&inv),
+            "TargetGroupBinding/web",
+            FindingId::ReadinessGateNotInjected
+        ));
+        namespace_labels(&mut inv, &[(label, "enabled")]);
+        assert!(run(&inv).workloads.is_empty(), "{:#?}", run(&inv));
+    }
+
+    #[test]
+    fn the_readiness_gate_matters_only_for_ip_targets() {
+        let mut inv = inventory();
+        namespace_labels(&mut inv, &[]);
+        // Instance targets: the load balancer knows nothing of the pods.
+        inv.load_balancers
+            .bindings
+            .push(binding(WEB_ARN, Some(TargetType::Instance)));
+        assert!(run(&inv).workloads.is_empty());
+        // No targetType on the binding: the group's, when ELBv2 was asked.
+        inv.load_balancers.bindings[0].binding.target_type = None;
+        assert!(run(&inv).workloads.is_empty());
+        inv.load_balancers.groups.push(DescribedGroup {
+            group: bound_group(WEB_ARN, TargetType::Ip, 30),
+            targets: Vec::new(),
+        });
+        assert!(has(
+            &run(&inv),
+            "TargetGroupBinding/web",
+            FindingId::ReadinessGateNotInjected
+        ));
+        // A namespace whose labels could not be read is not judged.
+        inv.load_balancers.namespace_labels.clear();
+        assert!(run(&inv).workloads.is_empty());
+    }
+
+    #[test]
+    fn a_selector_keeps_bindings_by_their_labels_or_their_pods() {
+        let mut inv = inventory();
+        inv.load_balancers
+            .bindings
+            .push(binding(WEB_ARN, Some(TargetType::Ip)));
+        namespace_labels(&mut inv, &[]);
+        let selected = |text: &str| AuditConfig {
+            selector: Some(parse_label_selector(text).unwrap()),
+            selector_text: Some(text.into()),
+            ..AuditConfig::default()
+        };
+        let pairs = |inv: &Inventory, s: &str| audit(inv, &selected(s)).finding_pairs();
+        assert_eq!(pairs(&inv, "team=web").len(), 1);
+        assert!(pairs(&inv, "team=api").is_empty());
+        // A selected pod behind the binding's group brings the binding in.
+        ip_targets(
+            &mut inv,
+            "api",
+            1,
+            bound_group(WEB_ARN, TargetType::Ip, 30),
+            8080,
+        );
+        let with_pod = pairs(&inv, "app=api");
+        assert!(
+            with_pod.contains(&(
+                format!("TargetGroupBinding/{NS}/web"),
+                FindingId::ReadinessGateNotInjected
+            )),
+            "{with_pod:?}"
+        );
+    }
+
+    #[test]
+    fn the_region_comes_from_the_flag_then_the_environment_else_the_checks_are_skipped() {
+        let args = |region: Option<&str>, endpoint: Option<&str>| AwsArgs {
+            aws_region: region.map(String::from),
+            aws_endpoint_url: endpoint.map(String::from),
+        };
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let region = |access: AwsAccess| match access {
+            AwsAccess::Use(config) => config.region,
+            AwsAccess::Skip(why) => panic!("skipped: {why}"),
+        };
+        let both: &[(&str, &str)] = &[
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_DEFAULT_REGION", "us-east-2"),
+        ];
+        assert_eq!(
+            region(aws_access(&args(Some("ap-south-1"), None), env(both)).unwrap()),
+            "ap-south-1"
+        );
+        assert_eq!(
+            region(aws_access(&args(None, None), env(both)).unwrap()),
+            "eu-west-1"
+        );
+        assert_eq!(
+            region(
+                aws_access(
+                    &args(Some(" "), None),
+                    env(&[("AWS_DEFAULT_REGION", "us-east-2")])
+                )
+                .unwrap()
+            ),
+            "us-east-2"
+        );
+        match aws_access(&args(None, Some("http://127.0.0.1:5000")), env(&[])).unwrap() {
+            AwsAccess::Skip(why) => assert!(why.contains("no AWS region"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            aws_access(&args(Some("us-east-1"), Some("localhost:5000")), env(&[])),
+            Err(AwsArgsError::InvalidEndpoint("localhost:5000".into()))
+        );
+        match aws_access(
+            &args(Some("us-east-1"), Some("http://127.0.0.1:5000")),
+            env(&[]),
+        )
+        .unwrap()
+        {
+            AwsAccess::Use(config) => {
+                assert_eq!(
+                    config.endpoint_url.as_deref(),
+                    Some("http://127.0.0.1:5000")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -42,8 +42,17 @@ fn wrap_units<'a>(
     out.push('\n');
 }
 
+/// `Kind namespace/name`, or `Kind name` for an object outside namespaces (a target group).
+fn object(w: &WorkloadReport) -> String {
+    if w.namespace.is_empty() {
+        format!("{} {}", w.kind, w.name)
+    } else {
+        format!("{} {}/{}", w.kind, w.namespace, w.name)
+    }
+}
+
 fn title(w: &WorkloadReport) -> String {
-    let mut title = format!("{} {}/{}", w.kind, w.namespace, w.name);
+    let mut title = object(w);
     let mut details = Vec::new();
     if let Some(n) = w.replicas {
         match w.kind.as_str() {
@@ -108,7 +117,7 @@ pub(crate) fn render(report: &Report) -> String {
         .workloads
         .iter()
         .filter(|w| w.findings.is_empty())
-        .map(|w| format!("{} {}/{}", w.kind, w.namespace, w.name))
+        .map(object)
         .collect();
     if !clean.is_empty() {
         wrap_units(

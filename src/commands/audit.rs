@@ -56,6 +56,10 @@ pub async fn run(args: AuditArgs) -> ExitCode {
         Ok(config) => config,
         Err(message) => return fail(message),
     };
+    let aws = match audit::aws_access(&args.aws, |name| std::env::var(name).ok()) {
+        Ok(aws) => aws,
+        Err(e) => return fail(e),
+    };
     let client = match crate::kube_client::connect(&args.client, args.qps).await {
         Ok(client) => client,
         Err(e) => return fail(e),
@@ -72,10 +76,12 @@ pub async fn run(args: AuditArgs) -> ExitCode {
             )
         },
     };
-    let inventory = match audit::collect(&client, &scope).await {
+    let mut inventory = match audit::collect(&client, &scope).await {
         Ok(inventory) => inventory,
         Err(e) => return fail(e),
     };
+    inventory.load_balancers =
+        audit::collect_load_balancers(&client, &scope, &args.lb, &aws, &mut inventory.notes).await;
     let report = audit::audit(&inventory, &config);
     match args.output {
         OutputFormat::Text => print!("{}", report.to_text()),
