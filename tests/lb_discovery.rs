@@ -108,7 +108,9 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
         .await
         .expect("create the TargetGroupBinding");
 
-    let discovery = Discovery::new(scope.client.clone(), elb.clone(), vec![edge.clone()]);
+    // A stale ARN in the configuration (its load balancer deleted) costs only itself.
+    let stale = edge.replace(&format!("it-edge-{suffix}"), &format!("it-gone-{suffix}"));
+    let discovery = Discovery::new(scope.client.clone(), elb.clone(), vec![edge.clone(), stale]);
     let groups: Vec<_> = discovery
         .target_groups()
         .await

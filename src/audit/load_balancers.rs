@@ -552,19 +552,13 @@ pub async fn collect(
             return out;
         }
     };
-    if lb.target_group_tag.is_some() {
-        notes.push(
-            "--lb-target-group-tag is not applied by audit yet: groups found only by their tag \
-             are not audited (name them with --lb-target-groups)"
-                .to_string(),
-        );
-    }
     let sdk = config.load().await;
     let discovery = Discovery::new(
         client.clone(),
         aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
         lb.target_group_arns(),
-    );
+    )
+    .with_tag(lb.target_group_tag.clone());
     let described = tokio::time::timeout(ELBV2_TIMEOUT, async {
         let groups = discovery.target_groups().await?;
         let mut described = Vec::new();

@@ -208,14 +208,7 @@ impl Discovery {
         let arns: Vec<String> = owners.keys().cloned().collect();
         let mut groups = Vec::new();
         for chunk in arns.chunks(ARNS_PER_CALL) {
-            let out = self
-                .elbv2
-                .describe_target_groups()
-                .set_target_group_arns(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| elbv2_error("DescribeTargetGroups", e))?;
-            for group in out.target_groups() {
+            for group in self.describe_groups(chunk).await? {
                 let (Some(arn), Some(kind)) = (group.target_group_arn(), group.target_type())
                 else {
                     continue;
@@ -235,6 +228,39 @@ impl Discovery {
             }
         }
         Ok(groups)
+    }
+
+    /// DescribeTargetGroups for `arns`. ELBv2 refuses the whole call when one of them no longer
+    /// exists (a TargetGroupBinding left behind by a deleted load balancer, a stale ARN in the
+    /// configuration); the others are then described one by one and the missing ones skipped
+    /// with a warning, so one stale name does not blind every drain.
+    async fn describe_groups(
+        &self,
+        arns: &[String],
+    ) -> Result<Vec<aws_sdk_elasticloadbalancingv2::types::TargetGroup>, DiscoverError> {
+        let call = |arns: Vec<String>| {
+            self.elbv2
+                .describe_target_groups()
+                .set_target_group_arns(Some(arns))
+                .send()
+        };
+        match call(arns.to_vec()).await {
+            Ok(out) => Ok(out.target_groups().to_vec()),
+            Err(error) if is_not_found(&error) => {
+                let mut found = Vec::new();
+                for arn in arns {
+                    match call(vec![arn.clone()]).await {
+                        Ok(out) => found.extend(out.target_groups().iter().cloned()),
+                        Err(e) if is_not_found(&e) => {
+                            tracing::warn!(target_group = %arn, "target group not found; skipped");
+                        }
+                        Err(e) => return Err(elbv2_error("DescribeTargetGroups", e)),
+                    }
+                }
+                Ok(found)
+            }
+            Err(error) => Err(elbv2_error("DescribeTargetGroups", error)),
+        }
     }
 
     async fn deregistration_delay_of(&self, arn: &str) -> Result<Duration, DiscoverError> {
@@ -405,6 +431,16 @@ impl LoadBalancers {
         }
         Ok(cached.view.clone())
     }
+}
+
+fn is_not_found(
+    error: &aws_sdk_elasticloadbalancingv2::error::SdkError<
+        aws_sdk_elasticloadbalancingv2::operation::describe_target_groups::DescribeTargetGroupsError,
+    >,
+) -> bool {
+    error
+        .as_service_error()
+        .is_some_and(|e| e.is_target_group_not_found_exception())
 }
 
 fn elbv2_error<E: std::error::Error + 'static>(
