@@ -19,6 +19,8 @@ pub mod drain;
 
 pub mod controller;
 
+pub mod lbc;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
