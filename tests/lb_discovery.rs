@@ -9,41 +9,12 @@ use std::time::Duration;
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::PostParams;
 use nodedrain::lb::discover::Discovery;
 use nodedrain::lb::targets::{Owner, TargetType, served_by};
 use serde_json::json;
 use support::drain::{name_of, on_node};
 use support::{Sandbox, Scope, ready_pods};
-
-/// Installs the TargetGroupBinding CRD the sandbox ships, unless it is there.
-async fn ensure_binding_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "targetgroupbindings.elbv2.k8s.aws";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sandbox/crds/targetgroupbindings.yaml"
-        );
-        let text = std::fs::read_to_string(path).expect("the CRD manifest");
-        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
-        }
-    }
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
-}
 
 async fn target_group(
     elb: &elbv2::Client,
@@ -99,7 +70,7 @@ fn ip_of(pod: &Pod) -> String {
 async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("lb-discovery").await;
-    ensure_binding_crd(&scope.client).await;
+    support::lbc::ensure_binding_crd(&scope.client).await;
     let nodes = scope.nodes(2).await;
     let node = name_of(&nodes[0]);
     let instance = nodes[0]
@@ -171,27 +142,7 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
     register(&elb, &web_group, &ip_of(&web), 8080).await;
     // Another pod's IP on another port is not the web pod's target.
     register(&elb, &web_group, &ip_of(&batch), 9090).await;
-    let bindings = Api::<DynamicObject>::namespaced_with(
-        scope.client.clone(),
-        &scope.id,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding"),
-            "targetgroupbindings",
-        ),
-    );
-    let binding: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "elbv2.k8s.aws/v1beta1",
-        "kind": "TargetGroupBinding",
-        "metadata": {"name": "web"},
-        "spec": {
-            "targetGroupARN": web_group,
-            "targetType": "ip",
-            "serviceRef": {"name": "web", "port": 80},
-        },
-    }))
-    .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
+    support::lbc::create_ip_binding(&scope.client, &scope.id, "web", &web_group, "web", 80)
         .await
         .expect("create the TargetGroupBinding");
 
@@ -246,7 +197,9 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
     // The proxy on another node does not serve through this node's instance target.
     assert!(served_by(&proxy, Some("i-0000000000000000f"), pairs()).is_empty());
 
-    let _ = bindings.delete("web", &Default::default()).await;
+    let _ = support::lbc::bindings(&scope.client, &scope.id)
+        .delete("web", &Default::default())
+        .await;
     for arn in [&edge, &web_group] {
         let _ = elb.delete_target_group().target_group_arn(arn).send().await;
     }

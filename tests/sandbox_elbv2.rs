@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::InstanceType;
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{
-    Action, ActionTypeEnum, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription,
-    TargetGroupAttribute, TargetHealthStateEnum, TargetTypeEnum,
+    LoadBalancerTypeEnum, ProtocolEnum, TargetDescription, TargetGroupAttribute,
+    TargetHealthStateEnum, TargetTypeEnum,
 };
 
 const DELAY_KEY: &str = "deregistration_delay.timeout_seconds";
@@ -124,33 +124,26 @@ async fn target_group(aws: &Aws, vpc: &str, kind: TargetTypeEnum, port: i32) -> 
 /// An NLB whose listener forwards to the group: from then on the group is in use and its targets'
 /// health checks start.
 async fn attach_to_nlb(aws: &Aws, subnets: &[String], group: &str) {
-    let lb = aws
-        .elb
-        .create_load_balancer()
-        .name(unique("nlb"))
-        .r#type(LoadBalancerTypeEnum::Network)
-        .set_subnets(Some(subnets.to_vec()))
-        .send()
-        .await
-        .expect("create load balancer")
-        .load_balancers
-        .and_then(|l| l.into_iter().next())
-        .and_then(|l| l.load_balancer_arn)
-        .expect("load balancer arn");
+    support::aws::load_balancer_for(
+        &aws.elb,
+        &unique("nlb"),
+        LoadBalancerTypeEnum::Network,
+        subnets,
+        ProtocolEnum::Tcp,
+        group,
+    )
+    .await;
+}
+
+/// Registers the instances `ids` on the group's port.
+async fn register(aws: &Aws, group: &str, ids: &[String]) {
     aws.elb
-        .create_listener()
-        .load_balancer_arn(lb)
-        .protocol(ProtocolEnum::Tcp)
-        .port(80)
-        .default_actions(
-            Action::builder()
-                .r#type(ActionTypeEnum::Forward)
-                .target_group_arn(group)
-                .build(),
-        )
+        .register_targets()
+        .target_group_arn(group)
+        .set_targets(Some(ids.iter().map(|id| target(id)).collect()))
         .send()
         .await
-        .expect("create listener");
+        .expect("register targets");
 }
 
 fn target(id: &str) -> TargetDescription {
@@ -252,13 +245,7 @@ async fn targets_register_through_initial_and_drain_for_the_deregistration_delay
     let (kept, deregistered, terminated) = (&ids[0], &ids[1], &ids[2]);
     let group = target_group(&aws, &vpc, TargetTypeEnum::Instance, 30080).await;
 
-    aws.elb
-        .register_targets()
-        .target_group_arn(&group)
-        .set_targets(Some(ids.iter().map(|id| target(id)).collect()))
-        .send()
-        .await
-        .expect("register targets");
+    register(&aws, &group, &ids).await;
     // No load balancer routes to the group yet: its targets are registered but unused.
     let all = health(&aws, &group, &[]).await;
     for id in &ids {
@@ -469,6 +456,33 @@ fn pod_ip(pod: &k8s_openapi::api::core::v1::Pod) -> String {
         .expect("a Ready pod has an IP")
 }
 
+/// A test scope `name`, and a group of `kind` on `port` that a load balancer uses.
+async fn stand_in_setup(
+    name: &str,
+    kind: TargetTypeEnum,
+    port: i32,
+) -> (support::Scope, Aws, String) {
+    let sandbox = support::Sandbox::connect().await;
+    let scope = sandbox.scope(name).await;
+    let aws = aws().await;
+    let (vpc, subnets) = network(&aws).await;
+    let group = target_group(&aws, &vpc, kind, port).await;
+    attach_to_nlb(&aws, &subnets, &group).await;
+    (scope, aws, group)
+}
+
+/// Checks that the stand-in met no error and registered and deregistered that many targets,
+/// then stops it.
+fn stand_in_did(lbc: support::lbc::Lbc, registered: u64, deregistered: u64) {
+    let activity = lbc.activity();
+    assert!(activity.errors.is_empty(), "{activity:?}");
+    assert_eq!(
+        (activity.registered, activity.deregistered),
+        (registered, deregistered),
+        "{activity:?}"
+    );
+}
+
 /// The stand-in for the AWS Load Balancer Controller (tests/support/lbc.rs) that drain tests and
 /// benchmarks rely on, in IP mode: a Ready pod's IP is registered and goes healthy; a pod that
 /// stops being Ready, or starts terminating, is deregistered while it still exists.
@@ -479,12 +493,7 @@ async fn the_controller_stand_in_keeps_ip_targets_equal_to_ready_endpoints() {
     use serde_json::json;
     use support::lbc::{IpBinding, Lbc};
 
-    let sandbox = support::Sandbox::connect().await;
-    let scope = sandbox.scope("lbc-ip").await;
-    let aws = aws().await;
-    let (vpc, subnets) = network(&aws).await;
-    let group = target_group(&aws, &vpc, TargetTypeEnum::Ip, 8080).await;
-    attach_to_nlb(&aws, &subnets, &group).await;
+    let (scope, aws, group) = stand_in_setup("lbc-ip", TargetTypeEnum::Ip, 8080).await;
     scope.nodes(1).await;
     let service: Service = serde_json::from_value(json!({
         "metadata": {"name": "web"},
@@ -599,10 +608,7 @@ async fn the_controller_stand_in_keeps_ip_targets_equal_to_ready_endpoints() {
         terminating.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
         "deregistered while the pod terminates, not once it is gone"
     );
-    let activity = lbc.activity();
-    assert!(activity.errors.is_empty(), "{activity:?}");
-    assert_eq!((activity.registered, activity.deregistered), (2, 2));
-    drop(lbc);
+    stand_in_did(lbc, 2, 2);
     scope.cleanup().await;
 }
 
@@ -615,21 +621,10 @@ async fn the_controller_stand_in_deregisters_nodes_labelled_out_of_load_balancer
     use serde_json::json;
     use support::lbc::{InstanceBinding, Lbc};
 
-    let sandbox = support::Sandbox::connect().await;
-    let scope = sandbox.scope("lbc-instance").await;
-    let aws = aws().await;
-    let (vpc, subnets) = network(&aws).await;
-    let group = target_group(&aws, &vpc, TargetTypeEnum::Instance, 30080).await;
-    attach_to_nlb(&aws, &subnets, &group).await;
+    let (scope, aws, group) = stand_in_setup("lbc-instance", TargetTypeEnum::Instance, 30080).await;
     let nodes = scope.nodes(2).await;
     let ids: Vec<String> = nodes.iter().map(support::controller::instance_id).collect();
-    aws.elb
-        .register_targets()
-        .target_group_arn(&group)
-        .set_targets(Some(ids.iter().map(|id| target(id)).collect()))
-        .send()
-        .await
-        .expect("register the nodes");
+    register(&aws, &group, &ids).await;
     let lbc = Lbc::instance(
         scope.client.clone(),
         aws.elb.clone(),
@@ -669,9 +664,6 @@ async fn the_controller_stand_in_deregisters_nodes_labelled_out_of_load_balancer
         of(&all, &ids[1]).is_some_and(|h| h.state != TargetHealthStateEnum::Draining),
         "{all:?}"
     );
-    let activity = lbc.activity();
-    assert!(activity.errors.is_empty(), "{activity:?}");
-    assert_eq!((activity.registered, activity.deregistered), (0, 1));
-    drop(lbc);
+    stand_in_did(lbc, 0, 1);
     scope.cleanup().await;
 }

@@ -37,8 +37,11 @@ use elbv2::types::TargetDescription;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::Api;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -134,15 +137,11 @@ impl Lbc {
         let config =
             watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", binding.service));
         let what = format!("{}/{} endpoints", binding.namespace, binding.service);
-        let span = tracing::info_span!("lbc_ip", service = %what, group = %binding.group_arn);
         let port = binding.port;
         Lbc::spawn(
-            api,
-            config,
+            (api, config, what),
             elb,
             binding.group_arn,
-            what,
-            span,
             move |slices, current| {
                 let wanted: BTreeSet<Key> = ready_addresses(slices)
                     .into_iter()
@@ -161,15 +160,10 @@ impl Lbc {
         let api: Api<Node> = Api::all(client);
         let config = watcher::Config::default().labels(&binding.node_selector);
         let what = format!("nodes {}", binding.node_selector);
-        let span = tracing::info_span!("lbc_instance", nodes = %binding.node_selector,
-            group = %binding.group_arn);
         Lbc::spawn(
-            api,
-            config,
+            (api, config, what),
             elb,
             binding.group_arn,
-            what,
-            span,
             |nodes, current| {
                 let excluded = excluded_instances(nodes);
                 (
@@ -189,13 +183,12 @@ impl Lbc {
         lock(&self.activity).clone()
     }
 
+    /// Follows `watched` (what to watch, and its name for errors and the task's span) and keeps
+    /// `group` as `decide` says.
     fn spawn<K>(
-        api: Api<K>,
-        config: watcher::Config,
+        watched: (Api<K>, watcher::Config, String),
         elb: elbv2::Client,
         group: String,
-        what: String,
-        span: tracing::Span,
         decide: impl Fn(&[Arc<K>], &BTreeSet<Key>) -> Changes + Send + Sync + 'static,
     ) -> Lbc
     where
@@ -208,6 +201,8 @@ impl Lbc {
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
+        let (api, config, what) = watched;
+        let span = tracing::info_span!("lbc", watched = %what, group = %group);
         let activity = Arc::new(Mutex::new(Activity::default()));
         let shared = activity.clone();
         let task = tokio::spawn(
@@ -397,4 +392,68 @@ pub fn excluded_instances(nodes: &[Arc<Node>]) -> BTreeSet<String> {
         .filter(|id| id.starts_with("i-"))
         .map(str::to_string)
         .collect()
+}
+
+/// The TargetGroupBindings of `namespace`.
+pub fn bindings(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding"),
+            "targetgroupbindings",
+        ),
+    )
+}
+
+/// Creates the TargetGroupBinding `name` in `namespace` that binds Service `service` (its port
+/// `port`) to the IP-mode group `group_arn`, as the controller's users write one.
+pub async fn create_ip_binding(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    group_arn: &str,
+    service: &str,
+    port: i32,
+) -> Result<DynamicObject, kube::Error> {
+    let binding: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "elbv2.k8s.aws/v1beta1",
+        "kind": "TargetGroupBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "targetGroupARN": group_arn,
+            "targetType": "ip",
+            "serviceRef": {"name": service, "port": port},
+        },
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    bindings(client, namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+}
+
+/// Installs the TargetGroupBinding CRD the sandbox ships, unless it is there.
+pub async fn ensure_binding_crd(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = "targetgroupbindings.elbv2.k8s.aws";
+    if crds.get_opt(name).await.expect("get crd").is_none() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sandbox/crds/targetgroupbindings.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("the CRD manifest");
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
+        }
+    }
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watch the CRD");
 }
