@@ -438,6 +438,8 @@ async fn groups(ctx: &Ctx<'_>, made: &mut Made) -> Result<(TargetGroup, TargetGr
         .target_type(TargetTypeEnum::Instance)
         .health_check_protocol(ProtocolEnum::Tcp)
         .health_check_interval_seconds(HEALTH_INTERVAL)
+        // The default (10 s) may not exceed the interval.
+        .health_check_timeout_seconds(HEALTH_INTERVAL)
         .healthy_threshold_count(HEALTHY_THRESHOLD);
     let nlb = support::aws::target_group_with_delay(&ctx.elb, nlb, delay).await;
     made.groups.push(nlb.clone());
@@ -1208,11 +1210,13 @@ fn row(outcome: &Outcome) -> String {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
+        // An AWS error's context runs to kilobytes; its message comes first.
+        let short: String = error.chars().take(300).collect();
         return format!(
             "| {} | {} | — | — | — | — | — | — | — | failed: {} |",
             outcome.scenario,
             outcome.handler,
-            error.replace('|', "/").replace('\n', " ")
+            short.replace('|', "/").replace('\n', " ")
         );
     };
     let t = &m.tally;
