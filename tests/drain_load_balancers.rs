@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
-use elbv2::types::TargetTypeEnum;
+use elbv2::types::{LoadBalancerTypeEnum, ProtocolEnum, TargetTypeEnum};
 use jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -21,7 +21,8 @@ use nodedrain::lb::discover::{Discovery, LoadBalancers};
 use nodedrain::names;
 use serde_json::json;
 use support::drain::{drain_with, drainer, events_about, name_of, on_node, options};
-use support::lb::{ensure_binding_crd, ip_of, pod, register, states, target_group, vpc};
+use support::lb::{ip_of, pod, register, states, subnet, target_group, vpc};
+use support::lbc::ensure_binding_crd;
 use support::{Sandbox, Scope, ready_pods};
 
 fn instance_of(node: &k8s_openapi::api::core::v1::Node) -> String {
@@ -136,6 +137,27 @@ async fn a_pod_stops_only_once_its_load_balancer_targets_drain() {
     )
     .await;
     register(&elb, &web_group, &ip_of(&web), 8080).await;
+    // Health checks run only for groups a load balancer uses (else the targets are `unused`).
+    let subnets = vec![subnet(&scope.aws, &vpc).await];
+    let nlb = support::aws::load_balancer_for(
+        &elb,
+        &format!("dr-nlb-{suffix}"),
+        LoadBalancerTypeEnum::Network,
+        &subnets,
+        ProtocolEnum::Tcp,
+        &edge,
+    )
+    .await;
+    // An NLB in IP mode: the same kind of target as an ALB's, on a TCP group.
+    let alb = support::aws::load_balancer_for(
+        &elb,
+        &format!("dr-ip-{suffix}"),
+        LoadBalancerTypeEnum::Network,
+        &subnets,
+        ProtocolEnum::Tcp,
+        &web_group,
+    )
+    .await;
     // The model's targets become healthy after a health check or two.
     support::drain::eventually(Duration::from_secs(30), "targets healthy", || async {
         states(&elb, &edge).await.iter().all(|t| t.2 == "healthy")
@@ -156,9 +178,14 @@ async fn a_pod_stops_only_once_its_load_balancer_targets_drain() {
     );
     let drainer = with_load_balancers(&scope, &elb, vec![edge.clone(), web_group.clone()]);
     let began = Instant::now();
+    // The pods are bare (no controller): as `drain --force`.
+    let options = nodedrain::drain::plan::PlanOptions {
+        force: true,
+        ..options()
+    };
     let request = DrainRequest {
         timeout: Some(Duration::from_secs(120)),
-        ..DrainRequest::new(options())
+        ..DrainRequest::new(options)
     };
     let (result, events) = drain_with(&drainer, std::slice::from_ref(&node), request).await;
     let took = began.elapsed();
@@ -189,6 +216,13 @@ async fn a_pod_stops_only_once_its_load_balancer_targets_drain() {
         )
     });
     assert!(!cut, "no wait was cut short");
+    for arn in [&nlb, &alb] {
+        let _ = elb
+            .delete_load_balancer()
+            .load_balancer_arn(arn)
+            .send()
+            .await;
+    }
     for arn in [&edge, &web_group] {
         let _ = elb.delete_target_group().target_group_arn(arn).send().await;
     }
@@ -228,6 +262,20 @@ async fn a_wait_the_deadline_cannot_fit_is_planned_cut_at_the_latest_start_and_r
     )
     .await;
     register(&elb, &edge, &instance, 30444).await;
+    let subnets = vec![subnet(&scope.aws, &vpc).await];
+    let nlb = support::aws::load_balancer_for(
+        &elb,
+        &format!("dl-nlb-{}", std::process::id()),
+        LoadBalancerTypeEnum::Network,
+        &subnets,
+        ProtocolEnum::Tcp,
+        &edge,
+    )
+    .await;
+    support::drain::eventually(Duration::from_secs(30), "target healthy", || async {
+        states(&elb, &edge).await.iter().all(|t| t.2 == "healthy")
+    })
+    .await;
     let bindings = Api::<DynamicObject>::namespaced_with(
         scope.client.clone(),
         &scope.id,
@@ -252,6 +300,7 @@ async fn a_wait_the_deadline_cannot_fit_is_planned_cut_at_the_latest_start_and_r
     let drainer = with_load_balancers(&scope, &elb, Vec::new());
     let deadline = Timestamp::now() + SignedDuration::from_secs(40);
     let mut options = options();
+    options.force = true;
     options.voluntary = false;
     options.margin = Duration::from_secs(5);
 
@@ -310,6 +359,11 @@ async fn a_wait_the_deadline_cannot_fit_is_planned_cut_at_the_latest_start_and_r
         "one LoadBalancerWaitCut Event on the pod"
     );
     let _ = bindings.delete("edge", &Default::default()).await;
+    let _ = elb
+        .delete_load_balancer()
+        .load_balancer_arn(&nlb)
+        .send()
+        .await;
     let _ = elb
         .delete_target_group()
         .target_group_arn(&edge)

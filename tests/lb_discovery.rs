@@ -14,7 +14,8 @@ use nodedrain::lb::discover::Discovery;
 use nodedrain::lb::targets::{Owner, TargetType, served_by};
 use serde_json::json;
 use support::drain::{name_of, on_node};
-use support::lb::{ensure_binding_crd, ip_of, pod, register, target_group, vpc};
+use support::lb::{ip_of, pod, register, target_group, vpc};
+use support::lbc::ensure_binding_crd;
 use support::{Sandbox, ready_pods};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::InstanceType;
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{
-    Action, ActionTypeEnum, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription,
-    TargetGroupAttribute, TargetHealthStateEnum, TargetTypeEnum,
+    LoadBalancerTypeEnum, ProtocolEnum, TargetDescription, TargetGroupAttribute,
+    TargetHealthStateEnum, TargetTypeEnum,
 };
 
 const DELAY_KEY: &str = "deregistration_delay.timeout_seconds";
@@ -102,17 +102,18 @@ async fn instances(aws: &Aws, subnet: &str, count: i32) -> Vec<String> {
         .collect()
 }
 
-/// A TCP target group of instance targets on a host port, as behind an NLB, whose health check
-/// passes after `HEALTHY_AFTER`, with a deregistration delay of `DELAY`.
-async fn target_group(aws: &Aws, vpc: &str) -> String {
+/// A TCP target group as behind an NLB (instance targets on a host port, or pods' IPs on a
+/// container port), whose health check passes after `HEALTHY_AFTER`, with a deregistration delay
+/// of `DELAY`.
+async fn target_group(aws: &Aws, vpc: &str, kind: TargetTypeEnum, port: i32) -> String {
     let request = aws
         .elb
         .create_target_group()
         .name(unique("tg"))
         .protocol(ProtocolEnum::Tcp)
-        .port(30080)
+        .port(port)
         .vpc_id(vpc)
-        .target_type(TargetTypeEnum::Instance)
+        .target_type(kind)
         .health_check_protocol(ProtocolEnum::Tcp)
         .health_check_interval_seconds(5)
         .health_check_timeout_seconds(5)
@@ -123,33 +124,26 @@ async fn target_group(aws: &Aws, vpc: &str) -> String {
 /// An NLB whose listener forwards to the group: from then on the group is in use and its targets'
 /// health checks start.
 async fn attach_to_nlb(aws: &Aws, subnets: &[String], group: &str) {
-    let lb = aws
-        .elb
-        .create_load_balancer()
-        .name(unique("nlb"))
-        .r#type(LoadBalancerTypeEnum::Network)
-        .set_subnets(Some(subnets.to_vec()))
-        .send()
-        .await
-        .expect("create load balancer")
-        .load_balancers
-        .and_then(|l| l.into_iter().next())
-        .and_then(|l| l.load_balancer_arn)
-        .expect("load balancer arn");
+    support::aws::load_balancer_for(
+        &aws.elb,
+        &unique("nlb"),
+        LoadBalancerTypeEnum::Network,
+        subnets,
+        ProtocolEnum::Tcp,
+        group,
+    )
+    .await;
+}
+
+/// Registers the instances `ids` on the group's port.
+async fn register(aws: &Aws, group: &str, ids: &[String]) {
     aws.elb
-        .create_listener()
-        .load_balancer_arn(lb)
-        .protocol(ProtocolEnum::Tcp)
-        .port(80)
-        .default_actions(
-            Action::builder()
-                .r#type(ActionTypeEnum::Forward)
-                .target_group_arn(group)
-                .build(),
-        )
+        .register_targets()
+        .target_group_arn(group)
+        .set_targets(Some(ids.iter().map(|id| target(id)).collect()))
         .send()
         .await
-        .expect("create listener");
+        .expect("register targets");
 }
 
 fn target(id: &str) -> TargetDescription {
@@ -249,15 +243,9 @@ async fn targets_register_through_initial_and_drain_for_the_deregistration_delay
     let (vpc, subnets) = network(&aws).await;
     let ids = instances(&aws, &subnets[0], 3).await;
     let (kept, deregistered, terminated) = (&ids[0], &ids[1], &ids[2]);
-    let group = target_group(&aws, &vpc).await;
+    let group = target_group(&aws, &vpc, TargetTypeEnum::Instance, 30080).await;
 
-    aws.elb
-        .register_targets()
-        .target_group_arn(&group)
-        .set_targets(Some(ids.iter().map(|id| target(id)).collect()))
-        .send()
-        .await
-        .expect("register targets");
+    register(&aws, &group, &ids).await;
     // No load balancer routes to the group yet: its targets are registered but unused.
     let all = health(&aws, &group, &[]).await;
     for id in &ids {
@@ -458,4 +446,224 @@ async fn the_deregistration_delay_is_300_s_by_default_and_accepts_0_to_3600() {
         assert!(set(value).await.is_err(), "{value} must be refused");
         assert_eq!(delay().await.as_deref(), Some("3600"), "unchanged");
     }
+}
+
+/// A pod's IP, once it has one.
+fn pod_ip(pod: &k8s_openapi::api::core::v1::Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("a Ready pod has an IP")
+}
+
+/// A test scope `name`, and a group of `kind` on `port` that a load balancer uses.
+async fn stand_in_setup(
+    name: &str,
+    kind: TargetTypeEnum,
+    port: i32,
+) -> (support::Scope, Aws, String) {
+    let sandbox = support::Sandbox::connect().await;
+    let scope = sandbox.scope(name).await;
+    let aws = aws().await;
+    let (vpc, subnets) = network(&aws).await;
+    let group = target_group(&aws, &vpc, kind, port).await;
+    attach_to_nlb(&aws, &subnets, &group).await;
+    (scope, aws, group)
+}
+
+/// Checks that the stand-in met no error and registered and deregistered that many targets,
+/// then stops it.
+fn stand_in_did(lbc: support::lbc::Lbc, registered: u64, deregistered: u64) {
+    let activity = lbc.activity();
+    assert!(activity.errors.is_empty(), "{activity:?}");
+    assert_eq!(
+        (activity.registered, activity.deregistered),
+        (registered, deregistered),
+        "{activity:?}"
+    );
+}
+
+/// The stand-in for the AWS Load Balancer Controller (tests/support/lbc.rs) that drain tests and
+/// benchmarks rely on, in IP mode: a Ready pod's IP is registered and goes healthy; a pod that
+/// stops being Ready, or starts terminating, is deregistered while it still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_stand_in_keeps_ip_targets_equal_to_ready_endpoints() {
+    use k8s_openapi::api::core::v1::{Pod, Service};
+    use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+    use serde_json::json;
+    use support::lbc::{IpBinding, Lbc};
+
+    let (scope, aws, group) = stand_in_setup("lbc-ip", TargetTypeEnum::Ip, 8080).await;
+    scope.nodes(1).await;
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    scope
+        .api::<Service>()
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("create service");
+    let lbc = Lbc::ip(
+        scope.client.clone(),
+        aws.elb.clone(),
+        IpBinding {
+            namespace: scope.id.clone(),
+            service: "web".into(),
+            group_arn: group.clone(),
+            port: 8080,
+        },
+    );
+    let container = json!({"containers": [{"name": "web", "image": "registry.example/web:1",
+                                           "ports": [{"containerPort": 8080}]}]});
+    for name in ["web-a", "web-b"] {
+        support::drain::pod(
+            &scope,
+            name,
+            json!({"app": "web"}),
+            json!({}),
+            None,
+            container.clone(),
+            30,
+        )
+        .await;
+    }
+    let ready = support::ready_pods(&scope.pods(), "app=web", 2, Duration::from_secs(120)).await;
+    let ready_at = Instant::now();
+    let ip = |name: &str| {
+        pod_ip(
+            ready
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name))
+                .expect("pod listed"),
+        )
+    };
+    let (a, b) = (ip("web-a"), ip("web-b"));
+
+    // Registered once Ready (the EndpointSlice controller and the stand-in each take a moment),
+    // on the binding's port, then healthy once the health check has passed.
+    let registered = wait_until(&aws, &group, ready_at, "both pods registered", |all| {
+        of(all, &a).is_some() && of(all, &b).is_some()
+    })
+    .await;
+    let all = health(&aws, &group, &[]).await;
+    assert_eq!(all.len(), 2, "only the Service's pods: {all:?}");
+    wait_until(
+        &aws,
+        &group,
+        registered + HEALTHY_AFTER,
+        "both pods healthy",
+        |all| {
+            all.iter()
+                .all(|h| h.state == TargetHealthStateEnum::Healthy)
+        },
+    )
+    .await;
+    let ports: Vec<Option<i32>> = aws
+        .elb
+        .describe_target_health()
+        .target_group_arn(&group)
+        .send()
+        .await
+        .expect("describe target health")
+        .target_health_descriptions()
+        .iter()
+        .map(|d| d.target().and_then(|t| t.port()))
+        .collect();
+    assert_eq!(ports, vec![Some(8080), Some(8080)]);
+
+    // web-b fails its readiness: it leaves the Ready endpoints, and its target drains.
+    let unready = Instant::now();
+    scope
+        .pods()
+        .patch_status(
+            "web-b",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [
+                {"type": "Ready", "status": "False"},
+                {"type": "ContainersReady", "status": "False"},
+            ]}})),
+        )
+        .await
+        .expect("mark web-b not Ready");
+    wait_until(&aws, &group, unready, "web-b draining", |all| {
+        of(all, &b).is_some_and(|h| h.state == TargetHealthStateEnum::Draining)
+    })
+    .await;
+
+    // web-a is deleted with a 30 s grace period: its target drains while it terminates.
+    let deleting = Instant::now();
+    scope
+        .pods()
+        .delete("web-a", &DeleteParams::default())
+        .await
+        .expect("delete web-a");
+    wait_until(&aws, &group, deleting, "web-a draining", |all| {
+        of(all, &a).is_some_and(|h| h.state == TargetHealthStateEnum::Draining)
+    })
+    .await;
+    let terminating: Option<Pod> = scope.pods().get_opt("web-a").await.expect("get web-a");
+    assert!(
+        terminating.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "deregistered while the pod terminates, not once it is gone"
+    );
+    stand_in_did(lbc, 2, 2);
+    scope.cleanup().await;
+}
+
+/// The stand-in's instance-mode rule: a node labelled out of external load balancers has its
+/// instance targets deregistered; other nodes' targets stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_stand_in_deregisters_nodes_labelled_out_of_load_balancers() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, Patch, PatchParams};
+    use serde_json::json;
+    use support::lbc::{InstanceBinding, Lbc};
+
+    let (scope, aws, group) = stand_in_setup("lbc-instance", TargetTypeEnum::Instance, 30080).await;
+    let nodes = scope.nodes(2).await;
+    let ids: Vec<String> = nodes.iter().map(support::controller::instance_id).collect();
+    register(&aws, &group, &ids).await;
+    let lbc = Lbc::instance(
+        scope.client.clone(),
+        aws.elb.clone(),
+        InstanceBinding {
+            group_arn: group.clone(),
+            node_selector: format!("{}={}", support::TEST_KEY, scope.id),
+        },
+    );
+    // Given time to act, it leaves unlabelled nodes alone.
+    tokio::time::sleep(support::lbc::RESYNC * 2).await;
+    let all = health(&aws, &group, &[]).await;
+    assert!(
+        all.iter()
+            .all(|h| h.state != TargetHealthStateEnum::Draining),
+        "{all:?}"
+    );
+
+    let labelled = Instant::now();
+    Api::<Node>::all(scope.client.clone())
+        .patch(
+            &support::drain::name_of(&nodes[0]),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {support::controller::LB_LABEL: "true"}}})),
+        )
+        .await
+        .expect("label the node");
+    wait_until(
+        &aws,
+        &group,
+        labelled,
+        "the labelled node draining",
+        |all| of(all, &ids[0]).is_some_and(|h| h.state == TargetHealthStateEnum::Draining),
+    )
+    .await;
+    let all = health(&aws, &group, &[]).await;
+    assert!(
+        of(&all, &ids[1]).is_some_and(|h| h.state != TargetHealthStateEnum::Draining),
+        "{all:?}"
+    );
+    stand_in_did(lbc, 0, 1);
+    scope.cleanup().await;
 }

@@ -313,3 +313,42 @@ pub async fn target_group_with_delay(
         .expect("set the deregistration delay");
     arn
 }
+
+/// A load balancer `name` of `kind` in `subnets` whose listener on port 80 forwards to `group`:
+/// from then on the group is in use and its targets' health checks start. Returns its ARN.
+pub async fn load_balancer_for(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    name: &str,
+    kind: aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum,
+    subnets: &[String],
+    protocol: aws_sdk_elasticloadbalancingv2::types::ProtocolEnum,
+    group: &str,
+) -> String {
+    use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum};
+    let lb = elb
+        .create_load_balancer()
+        .name(name)
+        .r#type(kind)
+        .set_subnets(Some(subnets.to_vec()))
+        .send()
+        .await
+        .expect("create load balancer")
+        .load_balancers
+        .and_then(|l| l.into_iter().next())
+        .and_then(|l| l.load_balancer_arn)
+        .expect("load balancer arn");
+    elb.create_listener()
+        .load_balancer_arn(&lb)
+        .protocol(protocol)
+        .port(80)
+        .default_actions(
+            Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(group)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("create listener");
+    lb
+}

@@ -366,6 +366,17 @@ impl Launched {
         node_selector: Option<&str>,
         cgroup: Option<&Cgroup>,
     ) -> Launched {
+        Launched::start_with(queue_url, node_selector, cgroup, &[])
+    }
+
+    /// [`Launched::start`] with more arguments for the controller (before any in
+    /// `BENCH_CONTROLLER_ARGS`), for a benchmark that compares settings.
+    pub fn start_with(
+        queue_url: &str,
+        node_selector: Option<&str>,
+        cgroup: Option<&Cgroup>,
+        extra: &[String],
+    ) -> Launched {
         let admin = super::aws::free_port();
         let log = std::env::temp_dir().join(format!("nodedrain-bench-controller-{admin}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
@@ -415,6 +426,7 @@ impl Launched {
         if let Some(selector) = node_selector {
             command.args(["--node-selector", selector]);
         }
+        command.args(extra);
         if let Ok(extra) = std::env::var("BENCH_CONTROLLER_ARGS") {
             command.args(extra.split_whitespace());
         }

@@ -488,7 +488,8 @@ pub async fn remove_stale_nodes(client: &kube::Client) {
     };
     for namespace in list.items {
         let name = namespace.metadata.name.clone().unwrap_or_default();
-        if name.starts_with(SCOPE_PREFIX) && !name.contains(&mine) && owner_ended(&name) {
+        let ours = name.starts_with(SCOPE_PREFIX) || name.starts_with(BENCH_PREFIX);
+        if ours && !name.contains(&mine) && owner_ended(&name) {
             let _ = namespaces.delete(&name, &DeleteParams::default()).await;
         }
     }

@@ -1,14 +1,11 @@
-//! ELBv2 pieces for the load-balancer tests: the TargetGroupBinding CRD, target groups in
-//! moto's ELBv2 (with the sandbox's target-health model), and pods that serve through them.
-
-use std::time::Duration;
+//! ELBv2 pieces for the load-balancer tests: target groups in moto's ELBv2 (with the sandbox's
+//! target-health model), in use by a load balancer, and pods that serve through them. The
+//! TargetGroupBinding side is in [`super::lbc`].
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::PostParams;
 use serde_json::json;
 
 use super::Scope;
@@ -24,6 +21,20 @@ pub async fn vpc(aws: &aws_config::SdkConfig) -> String {
         .vpc
         .and_then(|v| v.vpc_id)
         .expect("vpc id")
+}
+
+/// A subnet of `vpc`, for a load balancer.
+pub async fn subnet(aws: &aws_config::SdkConfig, vpc: &str) -> String {
+    aws_sdk_ec2::Client::new(aws)
+        .create_subnet()
+        .vpc_id(vpc)
+        .cidr_block("10.0.1.0/24")
+        .send()
+        .await
+        .expect("create subnet")
+        .subnet
+        .and_then(|s| s.subnet_id)
+        .expect("subnet id")
 }
 
 /// The current state of each target of `group`, as `(id, port, state)`.
@@ -46,32 +57,8 @@ pub async fn states(elb: &elbv2::Client, group: &str) -> Vec<(String, i32, Strin
         .collect()
 }
 
-/// Installs the TargetGroupBinding CRD the sandbox ships, unless it is there.
-pub async fn ensure_binding_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "targetgroupbindings.elbv2.k8s.aws";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sandbox/crds/targetgroupbindings.yaml"
-        );
-        let text = std::fs::read_to_string(path).expect("the CRD manifest");
-        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
-        }
-    }
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
-}
-
+/// A TCP target group (an NLB's) whose health checks pass 10 s after registration (every 5 s,
+/// healthy after 2), with `delay` as its deregistration delay.
 pub async fn target_group(
     elb: &elbv2::Client,
     vpc: &str,
@@ -86,7 +73,11 @@ pub async fn target_group(
         .protocol(ProtocolEnum::Tcp)
         .port(port)
         .vpc_id(vpc)
-        .target_type(kind);
+        .target_type(kind)
+        .health_check_protocol(ProtocolEnum::Tcp)
+        .health_check_interval_seconds(5)
+        .health_check_timeout_seconds(5)
+        .healthy_threshold_count(2);
     super::aws::target_group_with_delay(elb, request, delay).await
 }
 

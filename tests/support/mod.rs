@@ -21,6 +21,8 @@ pub mod controller;
 
 pub mod lb;
 
+pub mod lbc;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
