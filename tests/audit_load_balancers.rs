@@ -13,11 +13,10 @@ use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use support::controller::ensure_target_group_binding_crd;
 use support::json_schema::validate;
+use support::lbc::ensure_binding_crd;
 use support::{Sandbox, Scope, ready_pods, var};
 
 const READINESS_LABEL: &str = "elbv2.k8s.aws/pod-readiness-gate-inject";
@@ -112,7 +111,7 @@ async fn audit_reports_what_load_balancers_break_and_survives_without_elbv2() {
     let sandbox = Sandbox::connect().await;
     let scope = sandbox.scope("audit-lb").await;
     let ns = scope.id.clone();
-    ensure_target_group_binding_crd(&scope.client).await;
+    ensure_binding_crd(&scope.client).await;
     let nodes = scope.nodes(1).await;
     let node = nodes[0].metadata.name.clone().unwrap();
     deployment(&scope, &node, "web", 3, false).await;
@@ -150,24 +149,7 @@ async fn audit_reports_what_load_balancers_break_and_survives_without_elbv2() {
             .await
             .expect("register target");
     }
-    let bindings = Api::<DynamicObject>::namespaced_with(
-        scope.client.clone(),
-        &ns,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("elbv2.k8s.aws", "v1beta1", "TargetGroupBinding"),
-            "targetgroupbindings",
-        ),
-    );
-    let binding: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "elbv2.k8s.aws/v1beta1",
-        "kind": "TargetGroupBinding",
-        "metadata": {"name": "web"},
-        "spec": {"targetGroupARN": group, "targetType": "ip",
-                 "serviceRef": {"name": "web", "port": 80}},
-    }))
-    .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
+    support::lbc::create_ip_binding(&scope.client, &ns, "web", &group, "web", 80)
         .await
         .expect("create the TargetGroupBinding");
 
@@ -336,7 +318,9 @@ async fn audit_reports_what_load_balancers_break_and_survives_without_elbv2() {
     );
     assert!(finding(&report, "Deployment", "web", "ip-target-without-prestop").is_some());
 
-    let _ = bindings.delete("web", &Default::default()).await;
+    let _ = support::lbc::bindings(&scope.client, &ns)
+        .delete("web", &Default::default())
+        .await;
     let _ = elb
         .delete_target_group()
         .target_group_arn(&group)

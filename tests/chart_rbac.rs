@@ -39,7 +39,8 @@ use kube::runtime::wait::{Condition, await_condition};
 use serde_json::{Value, json};
 use support::aws::{create_queue, sdk_config, send};
 use support::chart::{chart_dir, helm, ok, render, scratch_dir, value_args};
-use support::controller::{ensure_nodeclaim_crd, ensure_target_group_binding_crd};
+use support::controller::ensure_nodeclaim_crd;
+use support::lbc::ensure_binding_crd;
 use support::{Sandbox, Scope, TEST_KEY, is_pod_ready, var};
 
 /// Grace period of every test pod: short, so a run takes seconds.
@@ -1033,7 +1034,7 @@ async fn a_spot_interruption_drains_with_exactly_the_charts_permissions() {
     let _serial = SERIAL.lock().await;
     let sandbox = Sandbox::connect().await;
     ensure_nodeclaim_crd(&sandbox.client).await;
-    ensure_target_group_binding_crd(&sandbox.client).await;
+    ensure_binding_crd(&sandbox.client).await;
     let outcome = run_all(
         &sandbox,
         vec![(Removal::Nothing, "nothing removed".into(), Vec::new())],
@@ -1071,7 +1072,7 @@ async fn removing_any_rule_or_verb_makes_the_drain_fail() {
     let _serial = SERIAL.lock().await;
     let sandbox = Sandbox::connect().await;
     ensure_nodeclaim_crd(&sandbox.client).await;
-    ensure_target_group_binding_crd(&sandbox.client).await;
+    ensure_binding_crd(&sandbox.client).await;
     let (cluster_rules, role_rules) = rendered_rules();
     let mut removals = Vec::new();
     for (cluster, rules) in [(true, &cluster_rules), (false, &role_rules)] {

@@ -106,19 +106,7 @@ async fn instances(aws: &Aws, subnet: &str, count: i32) -> Vec<String> {
 /// container port), whose health check passes after `HEALTHY_AFTER`, with a deregistration delay
 /// of `DELAY`.
 async fn target_group(aws: &Aws, vpc: &str, kind: TargetTypeEnum, port: i32) -> String {
-    let request = aws
-        .elb
-        .create_target_group()
-        .name(unique("tg"))
-        .protocol(ProtocolEnum::Tcp)
-        .port(port)
-        .vpc_id(vpc)
-        .target_type(kind)
-        .health_check_protocol(ProtocolEnum::Tcp)
-        .health_check_interval_seconds(5)
-        .health_check_timeout_seconds(5)
-        .healthy_threshold_count(2);
-    support::aws::target_group_with_delay(&aws.elb, request, DELAY.as_secs()).await
+    support::lb::target_group(&aws.elb, vpc, &unique("tg"), kind, port, DELAY.as_secs()).await
 }
 
 /// An NLB whose listener forwards to the group: from then on the group is in use and its targets'

@@ -754,34 +754,3 @@ pub async fn create_node_claim(client: &kube::Client, name: &str, node: &Node) {
         .await
         .expect("NodeClaim status");
 }
-
-/// Installs the TargetGroupBinding CRD the sandbox ships (`sandbox/crds/targetgroupbindings.yaml`,
-/// the AWS Load Balancer Controller's), unless it is there, and waits until it is served.
-pub async fn ensure_target_group_binding_crd(client: &kube::Client) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::PostParams;
-    use kube::runtime::wait::{await_condition, conditions};
-
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "targetgroupbindings.elbv2.k8s.aws";
-    if crds.get_opt(name).await.expect("get crd").is_none() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sandbox/crds/targetgroupbindings.yaml"
-        );
-        let text = std::fs::read_to_string(path).expect("the CRD manifest");
-        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD yaml");
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => panic!("create the TargetGroupBinding CRD: {e}"),
-        }
-    }
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch the CRD");
-}
