@@ -13,7 +13,9 @@
 //! target group managed outside Kubernetes, registered by the harness as Terraform would) and
 //! `BENCH_WEB_PER_NODE` [2] `web` pods on container port 8080 (IP targets of an ALB target group
 //! bound to the `web` Service by a TargetGroupBinding, kept equal to the Service's Ready endpoints
-//! by the Load Balancer Controller stand-in, tests/support/lbc.rs); grace period `BENCH_GRACE`
+//! by the Load Balancer Controller stand-in, tests/support/lbc.rs, which acts `BENCH_LBC_REACTION`
+//! [1.0] s after an endpoint change, as the controller does on a quiet cluster; on the sandbox it
+//! would otherwise act within tens of milliseconds); grace period `BENCH_GRACE`
 //! [30] s; a spare node without an instance takes the replacements (the NLB never gets a target
 //! there: nobody registers one). Every instance-backed node is drained. Both target groups and
 //! their load balancers are made for the run (health checks pass 10 s after registration) and
@@ -1063,7 +1065,7 @@ struct Measured {
 async fn measure(ctx: &Ctx<'_>, made: &mut Made) -> Result<Measured, BenchError> {
     let scope = ctx.scope;
     let fixture = fixture(ctx, made).await?;
-    let lbc = Lbc::ip(
+    let lbc = Lbc::ip_reacting_after(
         scope.client.clone(),
         ctx.elb.clone(),
         IpBinding {
@@ -1072,6 +1074,7 @@ async fn measure(ctx: &Ctx<'_>, made: &mut Made) -> Result<Measured, BenchError>
             group_arn: fixture.alb.arn.clone(),
             port: WEB_PORT,
         },
+        Duration::from_secs_f64(env_or("BENCH_LBC_REACTION", 1.0)),
     );
     wait_healthy(ctx, &fixture).await?;
 

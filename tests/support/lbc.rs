@@ -15,9 +15,13 @@
 //!   `node.kubernetes.io/exclude-from-external-load-balancers` (any value) is deregistered. Which
 //!   nodes are registered in the first place is left to the caller (the controller registers
 //!   every suitable node on the Service's NodePort).
-//! - **Timing**: it reacts to each watch event at once, and also resyncs every [`RESYNC`]; on
-//!   the sandbox that is within about a second of the change, as the controller on a quiet
-//!   cluster. Readiness gates (`target-health.elbv2.k8s.aws/...`) are not imitated: a pod is not
+//! - **Timing**: the controller reconciles within about a second of an endpoint change on a quiet
+//!   cluster (its work queue, then DescribeTargetHealth and Register/DeregisterTargets calls to
+//!   AWS). [`Lbc::ip`] acts at once on each watch event (tens of milliseconds on the sandbox: tests
+//!   need not wait); [`Lbc::ip_reacting_after`] acts a chosen time after the first event of a
+//!   change, for a benchmark that measures the exposure that lag causes. Both also resync every
+//!   [`RESYNC`]. Neither models how long the load balancer itself takes to stop routing to a
+//!   target it reports `draining`. Readiness gates (`target-health.elbv2.k8s.aws/...`) are not imitated: a pod is not
 //!   held un-Ready until its target is healthy.
 //!
 //! The controller owns its group: every target the imitation does not want is deregistered, so a
@@ -131,8 +135,19 @@ pub type Key = (String, i32);
 type Changes = (BTreeSet<Key>, BTreeSet<Key>);
 
 impl Lbc {
-    /// Follows an IP-mode binding (see the module documentation).
+    /// Follows an IP-mode binding (see the module documentation), acting at once.
     pub fn ip(client: kube::Client, elb: elbv2::Client, binding: IpBinding) -> Lbc {
+        Lbc::ip_reacting_after(client, elb, binding, Duration::ZERO)
+    }
+
+    /// [`Lbc::ip`], acting `reaction` after the first watch event of a change, as the real
+    /// controller does about a second later.
+    pub fn ip_reacting_after(
+        client: kube::Client,
+        elb: elbv2::Client,
+        binding: IpBinding,
+        reaction: Duration,
+    ) -> Lbc {
         let api: Api<EndpointSlice> = Api::namespaced(client, &binding.namespace);
         let config =
             watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", binding.service));
@@ -140,8 +155,8 @@ impl Lbc {
         let port = binding.port;
         Lbc::spawn(
             (api, config, what),
-            elb,
-            binding.group_arn,
+            (elb, binding.group_arn),
+            reaction,
             move |slices, current| {
                 let wanted: BTreeSet<Key> = ready_addresses(slices)
                     .into_iter()
@@ -162,8 +177,8 @@ impl Lbc {
         let what = format!("nodes {}", binding.node_selector);
         Lbc::spawn(
             (api, config, what),
-            elb,
-            binding.group_arn,
+            (elb, binding.group_arn),
+            Duration::ZERO,
             |nodes, current| {
                 let excluded = excluded_instances(nodes);
                 (
@@ -184,11 +199,11 @@ impl Lbc {
     }
 
     /// Follows `watched` (what to watch, and its name for errors and the task's span) and keeps
-    /// `group` as `decide` says.
+    /// `group` as `decide` says, `reaction` after a change.
     fn spawn<K>(
         watched: (Api<K>, watcher::Config, String),
-        elb: elbv2::Client,
-        group: String,
+        (elb, group): (elbv2::Client, String),
+        reaction: Duration,
         decide: impl Fn(&[Arc<K>], &BTreeSet<Key>) -> Changes + Send + Sync + 'static,
     ) -> Lbc
     where
@@ -217,21 +232,41 @@ impl Lbc {
                 // Nothing is decided on a partial list: an endpoint not yet listed would be
                 // deregistered.
                 let mut listed = false;
+                // When the next comparison is due. The stream is polled meanwhile, so that the
+                // comparison sees the latest state, and a burst of events waits `reaction` once.
+                let mut due: Option<tokio::time::Instant> = None;
                 loop {
+                    let wait = async {
+                        match due {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
-                        next = stream.next() => match next {
-                            Some(Ok(watcher::Event::InitDone)) => listed = true,
-                            Some(Ok(_)) => {}
-                            Some(Err(source)) => {
-                                // The watcher backs off and relists by itself.
-                                let error = LbcError::Watch { what: what.clone(), source };
-                                lock(&shared).error(&error);
-                                continue;
+                        next = stream.next() => {
+                            match next {
+                                Some(Ok(watcher::Event::InitDone)) => listed = true,
+                                Some(Ok(_)) => {}
+                                Some(Err(source)) => {
+                                    // The watcher backs off and relists by itself.
+                                    let error = LbcError::Watch { what: what.clone(), source };
+                                    lock(&shared).error(&error);
+                                    continue;
+                                }
+                                None => return,
                             }
-                            None => return,
-                        },
-                        _ = resync.tick() => {}
+                            let at = tokio::time::Instant::now() + reaction;
+                            due = Some(due.map_or(at, |d| d.min(at)));
+                            continue;
+                        }
+                        // A resync never brings a pending reaction forward.
+                        _ = resync.tick() => {
+                            due.get_or_insert_with(tokio::time::Instant::now);
+                            continue;
+                        }
+                        _ = wait => {}
                     }
+                    due = None;
                     if !listed {
                         continue;
                     }
