@@ -909,19 +909,34 @@ impl Engine {
                 );
             }
             Action::DeregisterTargets { group, targets } => {
-                let Some(lb) = self.lb.clone() else {
-                    return;
-                };
-                // Nothing waits for the answer: the wait watches the targets' states.
-                tokio::spawn(async move {
-                    match lb.deregister(&group, &targets).await {
-                        Ok(()) => {
-                            info!(group = %group, targets = targets.len(), "deregistered targets")
+                let lb = self.lb.clone();
+                self.requests.push(
+                    async move {
+                        let result = match lb {
+                            Some(lb) => lb.deregister(&group, &targets).await.map_err(|e| {
+                                warn!(group = %group, error = %e,
+                                    "cannot deregister targets; their wait ends at the group's delay or the deadline");
+                                Failure {
+                                    message: e.to_string(),
+                                    forbidden: false,
+                                }
+                            }),
+                            None => Err(Failure {
+                                message: "no ELBv2 access configured".to_string(),
+                                forbidden: false,
+                            }),
+                        };
+                        if result.is_ok() {
+                            info!(group = %group, targets = targets.len(), "deregistered targets");
                         }
-                        Err(error) => warn!(group = %group, %error,
-                            "cannot deregister targets; their wait ends at the group's delay or the deadline"),
+                        Input::Deregistered {
+                            group,
+                            targets,
+                            result,
+                        }
                     }
-                });
+                    .boxed(),
+                );
             }
             Action::CloseSurgeWatch(surge) => self.close_watch(WatchKey::Surge(surge)),
             Action::WatchNodePods { node, name } => {

@@ -181,6 +181,12 @@ pub enum Input {
         group: String,
         result: Result<Vec<(Target, TargetState)>, Failure>,
     },
+    /// The answer to [`Action::DeregisterTargets`].
+    Deregistered {
+        group: String,
+        targets: Vec<Target>,
+        result: Result<(), Failure>,
+    },
     /// Only time has passed.
     Tick,
 }
@@ -224,8 +230,8 @@ pub enum Action {
     DescribeTargetHealth {
         group: String,
     },
-    /// Take these targets out of their group. No answer comes back: the wait watches the
-    /// targets' states, and a failed call only means the wait ends by the delay or deadline.
+    /// Take these targets out of their group (answered with [`Input::Deregistered`]). A failed
+    /// call only means the wait ends by the delay or the deadline.
     DeregisterTargets {
         group: String,
         targets: Vec<Target>,
@@ -497,6 +503,13 @@ pub struct Machine {
     next_surge: u64,
     /// Target groups some step waits on, by ARN.
     lb_groups: BTreeMap<String, LbGroup>,
+    /// Targets this machine deregistered, and when ELBv2 said so. A successful DeregisterTargets
+    /// has put the target in `draining`: until a `DescribeTargetHealth` asked after that moment
+    /// says otherwise, the target takes no new connections. Waiting for the next poll instead
+    /// would give the AWS Load Balancer Controller time to register a Ready pod's IP again (it
+    /// does, on its next reconcile, for a target that is draining while the pod is still in the
+    /// Service's ready endpoints), and the pod would wait the group's whole delay.
+    deregistered: HashMap<Target, Timestamp>,
     actions: Vec<Action>,
 }
 
@@ -510,6 +523,8 @@ pub const LB_POLL: Duration = Duration::from_secs(2);
 struct LbGroup {
     /// The last answer: each registered target's state.
     states: Option<HashMap<Target, TargetState>>,
+    /// When the question that `states` answers was asked.
+    states_asked_at: Option<Timestamp>,
     asked_at: Option<Timestamp>,
     asking: bool,
 }
@@ -592,6 +607,7 @@ impl Machine {
             surge_index: HashMap::new(),
             next_surge: 0,
             lb_groups: BTreeMap::new(),
+            deregistered: HashMap::new(),
             actions: Vec::new(),
         }
     }
@@ -645,6 +661,17 @@ impl Machine {
             } => self.on_deleted(step, grace, result, now),
             Input::RolloutRestarted { surge, result } => self.on_rollout_restarted(surge, result),
             Input::TargetHealth { group, result } => self.on_target_health(group, result),
+            Input::Deregistered {
+                targets,
+                result: Ok(()),
+                ..
+            } => {
+                for target in targets {
+                    self.deregistered.insert(target, now);
+                }
+            }
+            // The wait goes on with what DescribeTargetHealth says; the executor logged it.
+            Input::Deregistered { result: Err(_), .. } => {}
             Input::Tick => {}
         }
     }
@@ -1068,6 +1095,7 @@ impl Machine {
             self.pdbs.clear();
             self.pdb_relist = None;
             self.pdbs_listed = false;
+            self.deregistered.clear();
         }
     }
 
@@ -1583,10 +1611,26 @@ impl Machine {
         }
     }
 
-    /// The last observed state of a target; `None` before its group's first answer.
+    /// The last known state of a target: what `DescribeTargetHealth` said, unless this machine
+    /// deregistered it after that question was asked (then `draining`); `None` when neither is
+    /// known.
     fn target_state(&self, target: &Target) -> Option<TargetState> {
-        let states = self.lb_groups.get(&target.group_arn)?.states.as_ref()?;
-        Some(states.get(target).copied().unwrap_or(TargetState::Gone))
+        let group = self.lb_groups.get(&target.group_arn);
+        let observed = group.and_then(|g| {
+            let states = g.states.as_ref()?;
+            Some((
+                states.get(target).copied().unwrap_or(TargetState::Gone),
+                g.states_asked_at,
+            ))
+        });
+        match (observed, self.deregistered.get(target)) {
+            (Some((state, Some(asked))), Some(deregistered)) if asked >= *deregistered => {
+                Some(state)
+            }
+            (_, Some(_)) => Some(TargetState::Draining),
+            (Some((state, _)), None) => Some(state),
+            (None, None) => None,
+        }
     }
 
     /// The groups steps wait on (a load-balancer wait, or a surge whose replacement must be
@@ -1642,6 +1686,7 @@ impl Machine {
         // A failed ask keeps the last answer: the waits still end by their delay or deadline.
         if let Ok(registered) = result {
             live.states = Some(registered.into_iter().collect());
+            live.states_asked_at = live.asked_at;
         }
         let surges: Vec<SurgeId> = self.surges.keys().copied().collect();
         for surge in surges {

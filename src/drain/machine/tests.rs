@@ -168,8 +168,12 @@ struct Sim {
     /// An ELBv2 target group in front of some pods: each target's state, and when a draining
     /// target is gone.
     targets: BTreeMap<Target, (TargetState, Option<Timestamp>)>,
-    /// Whether DeregisterTargets takes effect (a load balancer that never drains otherwise).
+    /// Whether DeregisterTargets succeeds and drains its targets (otherwise it is refused, as
+    /// without the IAM permission, and the targets stay healthy).
     lb_responsive: bool,
+    /// The AWS Load Balancer Controller registers a deregistered IP again at once while its pod
+    /// is still Ready (its reconcile counts draining targets as absent).
+    lb_reregisters: bool,
 }
 
 const GROUP: &str = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/1";
@@ -289,6 +293,7 @@ impl Setup {
         let mut sim = Sim {
             targets,
             lb_responsive: self.lb_responsive,
+            lb_reregisters: false,
             machine: Machine::new(self.config),
             now,
             cluster,
@@ -377,14 +382,7 @@ impl Sim {
             Action::Delete { .. }
             | Action::RestartRollout { .. }
             | Action::DescribeTargetHealth { .. } => self.hold(action),
-            Action::DeregisterTargets { targets, .. } if self.lb_responsive => {
-                for target in targets {
-                    let delay = self.delay_of(target);
-                    if let Some(entry) = self.targets.get_mut(target) {
-                        *entry = (TargetState::Draining, Some(after(self.now, delay)));
-                    }
-                }
-            }
+            Action::DeregisterTargets { .. } => self.hold(action),
             Action::Finish { result, .. } => self.finished = Some(result.clone()),
             _ => {}
         }
@@ -472,6 +470,32 @@ impl Sim {
                     step,
                     grace,
                     result: Ok(outcome),
+                });
+            }
+            Action::DeregisterTargets { group, targets } => {
+                let result = if self.lb_responsive {
+                    for target in &targets {
+                        let delay = self.delay_of(target);
+                        let state = if self.lb_reregisters {
+                            (TargetState::Initial, None)
+                        } else {
+                            (TargetState::Draining, Some(after(self.now, delay)))
+                        };
+                        if let Some(entry) = self.targets.get_mut(target) {
+                            *entry = state;
+                        }
+                    }
+                    Ok(())
+                } else {
+                    Err(Failure {
+                        message: "AccessDenied".to_string(),
+                        forbidden: false,
+                    })
+                };
+                self.feed(Input::Deregistered {
+                    group,
+                    targets,
+                    result,
                 });
             }
             Action::DescribeTargetHealth { group } => {
@@ -1780,4 +1804,23 @@ fn a_surge_replacement_must_be_healthy_in_the_old_pods_target_group_not_only_rea
         "at {healthy_seen}"
     );
     assert!(evicted_at(&sim, "web-old").is_some_and(|e| e >= healthy_seen));
+}
+
+#[test]
+fn a_successful_deregistration_frees_the_pod_before_a_controller_can_register_it_again() {
+    // The AWS Load Balancer Controller registers a Ready pod's IP again on its next reconcile;
+    // every DescribeTargetHealth after the deregistration shows it `initial`. ELBv2's answer to
+    // DeregisterTargets says it is draining now: that is the moment to stop the pod.
+    let mut setup = Setup::new(vec![app_pod("web", "web", 5)]).target("web", 300);
+    setup.latency = Duration::from_millis(500);
+    let mut sim = setup.start();
+    sim.lb_reregisters = true;
+    sim.run(t(600));
+    assert_eq!(sim.report().outcome, DrainOutcome::Drained);
+    let evicted = evicted_at(&sim, "web").unwrap();
+    assert!(
+        evicted <= t(1),
+        "evicted at {evicted}, not after the 300 s delay"
+    );
+    assert!(cuts(&sim).is_empty(), "nothing was cut short");
 }
