@@ -209,8 +209,8 @@ fn load_balancers(out: &mut String, plan: &Plan) {
             Some(short) => {
                 let _ = writeln!(
                     out,
-                    "; DOES NOT FIT: a full wait is {}s longer than the time before its latest \
-                     start, so the deadline will cut it and new requests may reach a stopping pod",
+                    "; DOES NOT FIT if a target never drains: its group's delay is {}s longer than \
+                     the time before the pod's latest start, and the deadline would cut that wait",
                     short.as_secs()
                 );
             }

@@ -41,7 +41,7 @@ use super::report::{
     ProgressEvent,
 };
 use super::surge::{self, SurgeStart};
-use crate::lb::targets::{Target, TargetState, TargetType, group_name};
+use crate::lb::targets::{PodTarget, Target, TargetState, TargetType, group_name};
 use crate::lb::wait::{self, Decision, Observed};
 use crate::node::{DrainRecord, Phase};
 
@@ -534,6 +534,21 @@ fn after(at: Timestamp, delay: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// One DeregisterTargets per group for `targets`.
+fn deregistrations<'a>(targets: impl Iterator<Item = &'a PodTarget>) -> Vec<Action> {
+    let mut by_group: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+    for target in targets {
+        by_group
+            .entry(target.target.group_arn.clone())
+            .or_default()
+            .push(target.target.clone());
+    }
+    by_group
+        .into_iter()
+        .map(|(group, targets)| Action::DeregisterTargets { group, targets })
+        .collect()
+}
+
 fn since(now: Timestamp, then: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(then)).unwrap_or(Duration::ZERO)
 }
@@ -961,19 +976,10 @@ impl Machine {
         // The node's instance targets in groups nodedrain deregisters itself leave their load
         // balancers now, like the exclude label takes them out of the AWS Load Balancer
         // Controller's groups: every pod behind them waits for that.
-        let mut by_group: BTreeMap<String, Vec<Target>> = BTreeMap::new();
-        for target in &plan.node_targets {
-            if target.deregistered_by_nodedrain && target.state.routes_new_connections() {
-                by_group
-                    .entry(target.target.group_arn.clone())
-                    .or_default()
-                    .push(target.target.clone());
-            }
-        }
-        for (group, targets) in by_group {
-            self.actions
-                .push(Action::DeregisterTargets { group, targets });
-        }
+        self.actions
+            .extend(deregistrations(plan.node_targets.iter().filter(|t| {
+                t.deregistered_by_nodedrain && t.state.routes_new_connections()
+            })));
         let progress = plan.progress();
         self.nodes.insert(
             node,
@@ -1442,23 +1448,17 @@ impl Machine {
             return false;
         }
         let targets = &run.plan.steps[id.index.0].load_balancer;
-        let mut by_group: BTreeMap<String, Vec<Target>> = BTreeMap::new();
         for target in targets {
             self.lb_groups
                 .entry(target.target.group_arn.clone())
                 .or_default();
-            // Instance targets left with the node at cordon; an IP target is the pod's own.
-            if target.deregistered_by_nodedrain && target.target_type == TargetType::Ip {
-                by_group
-                    .entry(target.target.group_arn.clone())
-                    .or_default()
-                    .push(target.target.clone());
-            }
         }
-        for (group, targets) in by_group {
-            self.actions
-                .push(Action::DeregisterTargets { group, targets });
-        }
+        // Instance targets left with the node at cordon; an IP target is the pod's own.
+        self.actions.extend(deregistrations(
+            targets
+                .iter()
+                .filter(|t| t.deregistered_by_nodedrain && t.target_type == TargetType::Ip),
+        ));
         let gate = self.reserve(gate);
         self.requests.insert(
             id,
