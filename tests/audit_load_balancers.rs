@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
-use elbv2::types::{ProtocolEnum, TargetDescription, TargetTypeEnum};
+use elbv2::types::{ProtocolEnum, TargetTypeEnum};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -120,34 +120,20 @@ async fn audit_reports_what_load_balancers_break_and_survives_without_elbv2() {
     let api = ready_pods(&scope.pods(), "app=api", 1, Duration::from_secs(120)).await;
 
     let elb = elbv2::Client::new(&scope.aws);
-    let vpc = aws_sdk_ec2::Client::new(&scope.aws)
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .expect("create vpc")
-        .vpc
-        .and_then(|v| v.vpc_id)
-        .expect("vpc id");
+    let vpc = support::lb::vpc(&scope.aws).await;
     let group = support::aws::target_group_with_delay(
         &elb,
         elb.create_target_group()
             .name(format!("it-audit-{}", std::process::id()))
             .protocol(ProtocolEnum::Http)
             .port(8080)
-            .vpc_id(vpc)
+            .vpc_id(&vpc)
             .target_type(TargetTypeEnum::Ip),
         300,
     )
     .await;
     for pod in web.iter().chain(&api) {
-        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
-        elb.register_targets()
-            .target_group_arn(&group)
-            .targets(TargetDescription::builder().id(ip).port(8080).build())
-            .send()
-            .await
-            .expect("register target");
+        support::lb::register(&elb, &group, &support::lb::ip_of(pod), 8080).await;
     }
     support::lbc::create_ip_binding(&scope.client, &ns, "web", &group, "web", 80)
         .await
