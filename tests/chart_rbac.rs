@@ -40,6 +40,7 @@ use serde_json::{Value, json};
 use support::aws::{create_queue, sdk_config, send};
 use support::chart::{chart_dir, helm, ok, render, scratch_dir, value_args};
 use support::controller::ensure_nodeclaim_crd;
+use support::drain::instance_of;
 use support::lbc::ensure_binding_crd;
 use support::{Sandbox, Scope, TEST_KEY, is_pod_ready, var};
 
@@ -233,15 +234,6 @@ async fn wait_schedulable(client: &kube::Client, node: &str) {
 
 fn name_of(node: &Node) -> String {
     node.metadata.name.clone().expect("node name")
-}
-
-fn instance_of(node: &Node) -> String {
-    let provider_id = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.provider_id.clone())
-        .expect("providerID");
-    provider_id.rsplit('/').next().unwrap().to_string()
 }
 
 fn node_of(pod: &Pod) -> Option<&str> {

@@ -23,7 +23,7 @@ use support::aws::{
     CutProxy, Moto, create_queue, depth, free_port, queue_arn, sdk_config, send, wait_empty,
 };
 use support::controller::{Controller, Launch};
-use support::drain::eventually;
+use support::drain::{eventually, instance_of};
 use support::{Sandbox, TEST_KEY, var};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -518,13 +518,6 @@ fn bare_node(name: &str, provider_id: Option<&str>, test_id: &str) -> Node {
         },
     }))
     .unwrap()
-}
-
-fn instance_of(node: &Node) -> String {
-    let provider_id = node.spec.as_ref().unwrap().provider_id.as_deref().unwrap();
-    nodedrain::interruption::events::instance_id_from_provider_id(provider_id)
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test]

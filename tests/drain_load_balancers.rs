@@ -20,19 +20,10 @@ use nodedrain::drain::report::{DrainOutcome, PodChange, ProgressEvent};
 use nodedrain::lb::discover::{Discovery, LoadBalancers};
 use nodedrain::names;
 use serde_json::json;
-use support::drain::{drain_with, drainer, events_about, name_of, on_node, options};
+use support::drain::{drain_with, drainer, events_about, instance_of, name_of, on_node, options};
 use support::lb::{ip_of, pod, register, states, subnet, target_group, vpc};
 use support::lbc::ensure_binding_crd;
 use support::{Sandbox, Scope, ready_pods};
-
-fn instance_of(node: &k8s_openapi::api::core::v1::Node) -> String {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.provider_id.as_deref())
-        .and_then(|p| p.rsplit('/').next())
-        .expect("an instance id")
-        .to_string()
-}
 
 fn with_load_balancers(scope: &Scope, elb: &elbv2::Client, configured: Vec<String>) -> Drainer {
     drainer(scope).with_load_balancers(Some(LoadBalancers::new(

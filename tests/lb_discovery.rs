@@ -13,7 +13,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use nodedrain::lb::discover::Discovery;
 use nodedrain::lb::targets::{Owner, TargetType, served_by};
 use serde_json::json;
-use support::drain::{name_of, on_node};
+use support::drain::{instance_of, name_of, on_node};
 use support::lb::{ip_of, pod, register, target_group, vpc};
 use support::lbc::ensure_binding_crd;
 use support::{Sandbox, ready_pods};
@@ -25,13 +25,7 @@ async fn targets_are_found_through_bindings_and_configuration_and_mapped_to_pods
     ensure_binding_crd(&scope.client).await;
     let nodes = scope.nodes(2).await;
     let node = name_of(&nodes[0]);
-    let instance = nodes[0]
-        .spec
-        .as_ref()
-        .and_then(|s| s.provider_id.as_deref())
-        .and_then(|p| p.rsplit('/').next())
-        .expect("an instance id")
-        .to_string();
+    let instance = instance_of(&nodes[0]);
     on_node(&scope, &nodes, &node, || async {
         pod(
             &scope,

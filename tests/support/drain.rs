@@ -27,6 +27,18 @@ pub fn name_of(node: &Node) -> String {
     node.metadata.name.clone().unwrap()
 }
 
+/// The EC2 instance id of a test node, from its providerID (every sandbox test node has one).
+pub fn instance_of(node: &Node) -> String {
+    let provider_id = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.provider_id.as_deref())
+        .expect("providerID");
+    nodedrain::interruption::events::instance_id_from_provider_id(provider_id)
+        .expect("an instance id")
+        .to_string()
+}
+
 pub fn node_of(pod: &Pod) -> Option<String> {
     pod.spec.as_ref().and_then(|s| s.node_name.clone())
 }
