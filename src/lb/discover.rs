@@ -3,7 +3,8 @@
 //!
 //! Two sources: TargetGroupBindings (`elbv2.k8s.aws/v1beta1`, written by the AWS Load Balancer
 //! Controller for each Service or Ingress it exposes), and target groups the operator manages
-//! outside Kubernetes, named by ARN in nodedrain's configuration. Which of their targets a pod
+//! outside Kubernetes, named by ARN or found by a tag in nodedrain's configuration. This module
+//! also deregisters targets, and caches what a burst's drains share ([`LoadBalancers`]). Which of their targets a pod
 //! serves through is decided by [`super::targets::served_by`].
 
 use std::collections::BTreeMap;
